@@ -1,0 +1,87 @@
+"""Batch normalization in training mode: statistics over every axis but the features."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+from jaxnorm import _standardize, _validation
+
+
+def batch_norm(
+    x: jax.Array,
+    scale: jax.Array | None = None,
+    bias: jax.Array | None = None,
+    *,
+    feature_axes: _validation.Axes = -1,
+    epsilon: float = 1e-5,
+    where: jax.Array | None = None,
+    axis_name: Any = None,
+    axis_index_groups: Any = None,
+    dtype: Any = None,
+    custom_vjp: bool = True,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  r"""Batch normalization with batch statistics (Ioffe & Szegedy, 2015).
+
+  .. math::
+      y = \gamma \, \frac{x - \mu_B}{\sqrt{\sigma_B^2 + \epsilon}} + \beta
+
+  where :math:`\mu_B` and :math:`\sigma_B^2` (biased) are taken over every axis
+  except `feature_axes`, over the positions `where` selects, and with
+  `axis_name` over every device of that mapped axis (exact for unequal numbers
+  of valid elements). The variance is computed stably in at least float32.
+  Gradients flow through a hand-derived VJP (see `jaxnorm._standardize`),
+  also through the returned statistics.
+
+  Args:
+    x: floating-point input, e.g. `(N, C)` or NHWC `(N, H, W, C)`.
+    scale: :math:`\gamma`, shaped like the feature axes (e.g. `(C,)`), or None.
+    bias: :math:`\beta`, shaped like the feature axes, or None.
+    feature_axes: the axis or axes that keep their own statistics.
+    epsilon: added to the variance; must be > 0.
+    where: optional boolean mask broadcastable to `x`; only True positions
+      enter the statistics (all positions are normalized; masked-out NaN or inf
+      are read as 0 and get zero gradient).
+    axis_name: optional mapped axis (or tuple of axes) to merge statistics over.
+    axis_index_groups: optional groups within `axis_name` (see `jax.lax.psum`).
+    dtype: output dtype; defaults to `x.dtype`.
+    custom_vjp: if False, differentiate the same forward by plain autodiff
+      (needed for forward mode: `jax.jvp`, `jax.jacfwd`, `jax.hessian`).
+
+  Returns:
+    `(y, mean, var)`: `y` shaped like `x`; the batch mean and biased variance
+    shaped like the feature axes, in the accumulation dtype (at least float32),
+    ready for a running-statistics update.
+
+  Example:
+    >>> import jax, jaxnorm
+    >>> x = jax.random.normal(jax.random.key(0), (32, 8))
+    >>> y, mean, var = jaxnorm.batch_norm(x)
+    >>> y.shape, mean.shape
+    ((32, 8), (8,))
+  """
+  x = _validation.floating_input(x)
+  features = _validation.canonical_axes(feature_axes, x.ndim, "feature_axes")
+  reduced = tuple(a for a in range(x.ndim) if a not in features)
+  if not reduced:
+    raise ValueError(
+        f"`feature_axes`={feature_axes!r} covers every axis of an input of rank {x.ndim}: "
+        "batch_norm needs at least one axis (the batch) to take statistics over."
+    )
+  return _standardize.apply(
+      x,
+      scale,
+      bias,
+      axes=reduced,
+      axes_name="feature_axes",
+      param_axes=features,
+      param_explain="the shape of x along feature_axes",
+      centered=True,
+      epsilon=epsilon,
+      where=where,
+      axis_name=axis_name,
+      axis_index_groups=axis_index_groups,
+      dtype=dtype,
+      custom_vjp=custom_vjp,
+  )

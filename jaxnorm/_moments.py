@@ -1,0 +1,145 @@
+"""Stable, maskable, device-exact statistics: the one place moments are computed.
+
+The variance is always the mean of squared deviations from the mean (two
+passes over the data), never ``E[x^2] - E[x]^2``, which cancels
+catastrophically in float32 once ``|mean| >> std``. Across devices the merge is
+exact for unequal numbers of valid elements: the counts and sums are summed
+first (one stacked collective), which gives the global mean; the squared
+deviations from that global mean are summed next. Averaging per-device means
+instead is wrong whenever devices hold different numbers of valid elements.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxnorm import _validation
+
+AxisName = Any  # a hashable name, or a tuple of names, of a mapped axis
+
+
+class Moments(NamedTuple):
+  """Statistics over a set of axes, shaped like the input with those axes kept as size 1.
+
+  `count` is the number of valid elements (summed over devices), `mean` their
+  mean (zero when `centered` was false), `var` the mean of squared deviations
+  from `mean` (the mean square when not centered).
+  """
+
+  count: jax.Array
+  mean: jax.Array
+  var: jax.Array
+
+
+def sum_across(values: list[jax.Array], axis_name: AxisName, axis_index_groups: Any) -> list[jax.Array]:
+  """Sums same-shaped arrays across devices with one stacked `psum` (latency, not bandwidth, dominates)."""
+  if axis_name is None:
+    return values
+  summed = lax.psum(jnp.stack(values), axis_name, axis_index_groups=axis_index_groups)
+  return list(summed)
+
+
+def masked_zero(x: jax.Array, mask: jax.Array | None) -> jax.Array:
+  """`x` with masked-out elements replaced by 0, so that NaN or inf there cannot leak into sums or gradients."""
+  return x if mask is None else jnp.where(mask, x, jnp.zeros((), x.dtype))
+
+
+def compute(
+    x: jax.Array,
+    axes: tuple[int, ...],
+    mask: jax.Array | None,
+    *,
+    centered: bool,
+    axis_name: AxisName = None,
+    axis_index_groups: Any = None,
+) -> Moments:
+  """Moments of `x` (already in the accumulation dtype) over `axes`, with keepdims shapes.
+
+  `mask` is None or a boolean array of `x.shape`. Groups with no valid element
+  get count 0, mean 0 and variance 0, which keeps everything downstream finite.
+  """
+  shape = _validation.keepdims_shape(x.shape, axes)
+  xv = masked_zero(x, mask)
+  if mask is None:
+    count = jnp.full(shape, _static_count(x.shape, axes), x.dtype)
+  else:
+    count = jnp.sum(mask, axes, keepdims=True, dtype=x.dtype)
+  if centered:
+    total = jnp.sum(xv, axes, keepdims=True)
+  else:
+    total = jnp.sum(jnp.square(xv), axes, keepdims=True)
+  count, total = sum_across([count, total], axis_name, axis_index_groups)
+  inv_count = 1 / jnp.maximum(count, 1)
+  if not centered:
+    return Moments(count, jnp.zeros_like(total), total * inv_count)
+  mean = total * inv_count
+  m2 = jnp.sum(jnp.square(masked_zero(x - mean, mask)), axes, keepdims=True)
+  (m2,) = sum_across([m2], axis_name, axis_index_groups)
+  return Moments(count, mean, m2 * inv_count)
+
+
+def _static_count(shape: tuple[int, ...], axes: tuple[int, ...]) -> int:
+  n = 1
+  for a in axes:
+    n *= shape[a]
+  return n
+
+
+def moments(
+    x: jax.Array,
+    axis: _validation.Axes,
+    *,
+    where: jax.Array | None = None,
+    axis_name: AxisName = None,
+    axis_index_groups: Any = None,
+    keepdims: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+  r"""Stable mean and biased variance of `x` over `axis`.
+
+  .. math::
+      \mu = \frac{1}{n} \sum_{i \in S} x_i, \qquad
+      \sigma^2 = \frac{1}{n} \sum_{i \in S} (x_i - \mu)^2
+
+  where `S` holds the positions selected by `where` (all of them by default)
+  on this device and, with `axis_name`, on every device of that mapped axis
+  (or of its `axis_index_groups`), and `n = |S|`. The variance is computed
+  from deviations about the mean, never as ``E[x^2] - E[x]^2``, and both
+  statistics are accumulated in at least float32. Masked-out elements may hold
+  NaN or inf: they reach neither the statistics nor their gradients. A group
+  with no valid element gets mean 0 and variance 0.
+
+  Args:
+    x: floating-point array of any shape.
+    axis: an axis or tuple of axes to reduce over.
+    where: optional boolean mask broadcastable to `x`; True marks valid elements.
+    axis_name: optional name (or tuple of names) of a mapped axis (`pmap`,
+      `shard_map`, `vmap`) whose devices all contribute; the merge is exact when
+      devices hold different numbers of valid elements.
+    axis_index_groups: optional groups of indices within `axis_name` that are
+      reduced separately (see `jax.lax.psum`).
+    keepdims: keep the reduced axes as size 1.
+
+  Returns:
+    `(mean, var)`, of `x`'s shape without the reduced axes (or with them as
+    size 1), in the accumulation dtype (float32 for 16-bit inputs).
+
+  Example:
+    >>> import jax.numpy as jnp, jaxnorm
+    >>> mean, var = jaxnorm.moments(jnp.array([[1., 2.], [3., 6.]]), axis=0)
+    >>> mean, var
+    (Array([2., 4.], dtype=float32), Array([1., 4.], dtype=float32))
+  """
+  x = _validation.floating_input(x)
+  axes = _validation.canonical_axes(axis, x.ndim, "axis")
+  mask = _validation.broadcast_mask(where, x.shape)
+  acc = _validation.accumulation_dtype(x.dtype)
+  _, mean, var = compute(
+      x.astype(acc), axes, mask, centered=True, axis_name=axis_name, axis_index_groups=axis_index_groups
+  )
+  if not keepdims:
+    mean, var = jnp.squeeze(mean, axes), jnp.squeeze(var, axes)
+  return mean, var

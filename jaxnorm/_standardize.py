@@ -1,0 +1,218 @@
+r"""The one normalization kernel behind batch, layer and RMS norm, with its hand-derived VJP.
+
+Forward, over a reduction set :math:`R` of :math:`N` valid positions (the
+positions `mask` selects, on every device of `axis_name`):
+
+.. math::
+    \mu = \tfrac1N \textstyle\sum_R x, \quad
+    v = \tfrac1N \textstyle\sum_R (x-\mu)^2, \quad
+    r = (v + \epsilon)^{-1/2}, \quad
+    \hat x = (x - \mu)\, r, \quad
+    y = \gamma \hat x + \beta .
+
+Without centering (RMS norm) :math:`\mu = 0` and :math:`v` is the mean square.
+Every position, valid or not, is normalized with the statistics of the valid
+ones (as flax does); a masked-out value that is NaN or inf is read as 0.
+
+Backward. Write :math:`g = \partial L/\partial y`, :math:`h = \gamma g =
+\partial L / \partial \hat x`, and :math:`\langle\cdot\rangle` for a sum over
+the *whole* reduction group (masked positions too: their outputs also depend
+on :math:`\mu` and :math:`r`), taken across devices. With
+:math:`\partial\mu/\partial x_j = 1/N`, :math:`\partial v/\partial x_j = 2(x_j-\mu)/N`
+and :math:`\partial r/\partial v = -r^3/2`, for a valid position :math:`j`:
+
+.. math::
+    \frac{\partial L}{\partial x_j}
+    = r\Big(h_j - \tfrac1N\langle h\rangle - \hat x_j\,\tfrac1N\langle h \hat x\rangle\Big)
+      + \tfrac1N\big(\bar\mu + 2\bar v\,(x_j-\mu)\big)
+
+where :math:`\bar\mu, \bar v` are the cotangents of the returned statistics.
+A masked-out position only feeds its own output: :math:`\partial L/\partial x_j = r h_j`
+(0 where it was non-finite). Without centering the :math:`\langle h\rangle`
+and :math:`\bar\mu` terms vanish and :math:`x_j - \mu` is :math:`x_j`.
+:math:`\partial L/\partial\gamma = \sum g\hat x` and
+:math:`\partial L/\partial\beta = \sum g`, summed over the axes the parameters
+are broadcast along, on this device only (parameters are per-device values).
+
+The forward saves the input itself (no new buffer), the parameters, the mask
+and per-group statistics; :math:`\hat x` is recomputed in the backward, which
+costs one fused elementwise pass and saves a full-size residual. The backward
+is written in `jax.numpy`, so it is differentiable again: grad-of-grad and
+`jax.jacrev(jax.jacrev(f))` work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jaxnorm import _moments, _validation
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+  """Static description of one normalization: what to reduce, how, and the output dtype."""
+
+  axes: tuple[int, ...]
+  centered: bool
+  epsilon: float
+  out_dtype: np.dtype
+  acc_dtype: np.dtype
+  axis_name: Any = None
+  axis_index_groups: Any = None
+
+
+def standardize(
+    x: jax.Array,
+    scale: jax.Array | None,
+    bias: jax.Array | None,
+    mask: jax.Array | None,
+    spec: Spec,
+    *,
+    custom_vjp: bool = True,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Normalizes `x` over `spec.axes`; returns `(y, mean, var)`, the statistics with keepdims shapes.
+
+  `scale` and `bias` are None or arrays of `x.ndim` dimensions that broadcast
+  to `x`; `mask` is None or a boolean array of `x.shape`. Arguments are
+  assumed checked (see `_validation`). With `custom_vjp=False` the same
+  forward is differentiated by plain autodiff, which forward mode needs.
+  """
+  if custom_vjp:
+    return _standardize_vjp(x, scale, bias, mask, spec)
+  return _forward(x, scale, bias, mask, spec)[0]
+
+
+def _readable(x: jax.Array, mask: jax.Array | None) -> jax.Array | None:
+  """Where `x` may be read: everywhere, except masked-out non-finite values."""
+  return None if mask is None else mask | jnp.isfinite(x)
+
+
+def _forward(x, scale, bias, mask, spec: Spec):
+  xa = x.astype(spec.acc_dtype)
+  stats = _moments.compute(
+      xa,
+      spec.axes,
+      mask,
+      centered=spec.centered,
+      axis_name=spec.axis_name,
+      axis_index_groups=spec.axis_index_groups,
+  )
+  rstd = lax.rsqrt(stats.var + spec.epsilon)
+  xs = _moments.masked_zero(xa, _readable(xa, mask))
+  xhat = (xs - stats.mean) * rstd if spec.centered else xs * rstd
+  y = xhat
+  if scale is not None:
+    y = y * scale.astype(spec.acc_dtype)
+  if bias is not None:
+    y = y + bias.astype(spec.acc_dtype)
+  return (y.astype(spec.out_dtype), stats.mean, stats.var), (stats.count, rstd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _standardize_vjp(x, scale, bias, mask, spec):
+  return _forward(x, scale, bias, mask, spec)[0]
+
+
+def _fwd(x, scale, bias, mask, spec):
+  out, (count, rstd) = _forward(x, scale, bias, mask, spec)
+  _, mean, _ = out
+  return out, (x, scale, bias, mask, count, mean, rstd)
+
+
+def _bwd(spec: Spec, residuals, cotangents):
+  x, scale, bias, mask, count, mean, rstd = residuals
+  g, g_mean, g_var = cotangents
+  acc = spec.acc_dtype
+  xa = x.astype(acc)
+  readable = _readable(xa, mask)
+  xc = _moments.masked_zero(xa, readable)
+  if spec.centered:
+    xc = xc - mean
+  xhat = xc * rstd
+  g = g.astype(acc)
+  h = g if scale is None else g * scale.astype(acc)
+
+  sums = [jnp.sum(h * xhat, spec.axes, keepdims=True), g_var]
+  if spec.centered:
+    sums += [jnp.sum(h, spec.axes, keepdims=True), g_mean]
+  sums = _moments.sum_across(sums, spec.axis_name, spec.axis_index_groups)
+  inv_n = 1 / jnp.maximum(count, 1)
+  correction = xhat * (sums[0] * inv_n) - 2 * sums[1] * inv_n * xc / rstd
+  if spec.centered:
+    correction = correction + (sums[2] - sums[3] / rstd) * inv_n
+  # Only valid positions move the statistics, so only they get the correction.
+  dx = rstd * (h - _moments.masked_zero(correction, mask))
+  dx = _moments.masked_zero(dx, readable)
+
+  d_scale = None if scale is None else _reduce_to(g * xhat, scale.shape).astype(scale.dtype)
+  d_bias = None if bias is None else _reduce_to(g, bias.shape).astype(bias.dtype)
+  return dx.astype(x.dtype), d_scale, d_bias, None
+
+
+def _reduce_to(a: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """Sums `a` over the axes along which an array of `shape` (same rank) was broadcast."""
+  axes = tuple(i for i, (n, m) in enumerate(zip(a.shape, shape)) if m == 1 and n != 1)
+  return jnp.sum(a, axes, keepdims=True)
+
+
+_standardize_vjp.defvjp(_fwd, _bwd)
+
+
+def apply(
+    x: Any,
+    scale: Any,
+    bias: Any,
+    *,
+    axes: Any,
+    axes_name: str,
+    param_axes: Any,
+    param_explain: str,
+    centered: bool,
+    epsilon: Any,
+    where: Any,
+    axis_name: Any = None,
+    axis_index_groups: Any = None,
+    dtype: Any = None,
+    custom_vjp: bool = True,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Validates public arguments and runs `standardize`.
+
+  `axes` are the reduction axes (checked under the name `axes_name`);
+  `param_axes` are the axes `scale`/`bias` span, whose shape they must have.
+  Returns `(y, mean, var)` with the statistics squeezed to the non-reduced axes.
+  """
+  x = _validation.floating_input(x)
+  axes = _validation.canonical_axes(axes, x.ndim, axes_name)
+  param_axes = _validation.canonical_axes(param_axes, x.ndim, "feature_axes")
+  param_shape = tuple(x.shape[a] for a in param_axes)
+  broadcast_shape = tuple(d if i in param_axes else 1 for i, d in enumerate(x.shape))
+  params = []
+  for name, p in (("scale", scale), ("bias", bias)):
+    p = _validation.parameter(p, param_shape, name, param_explain)
+    params.append(None if p is None else p.reshape(broadcast_shape))
+  out_dtype = x.dtype if dtype is None else jnp.dtype(dtype)
+  if not jnp.issubdtype(out_dtype, jnp.floating):
+    raise TypeError(f"`dtype` must be a floating-point dtype, got {out_dtype}.")
+  spec = Spec(
+      axes=axes,
+      centered=centered,
+      epsilon=_validation.positive_epsilon(epsilon),
+      out_dtype=np.dtype(out_dtype),
+      acc_dtype=_validation.accumulation_dtype(x.dtype, *(p.dtype for p in params if p is not None)),
+      axis_name=axis_name,
+      axis_index_groups=_hashable_groups(axis_index_groups),
+  )
+  mask = _validation.broadcast_mask(where, x.shape)
+  y, mean, var = standardize(x, params[0], params[1], mask, spec, custom_vjp=custom_vjp)
+  return y, jnp.squeeze(mean, axes), jnp.squeeze(var, axes)
+
+
+def _hashable_groups(groups: Any) -> Any:
+  return None if groups is None else tuple(tuple(int(i) for i in g) for g in groups)
