@@ -1,0 +1,23 @@
+"""What every linen normalization module shares: its scale and bias parameters and output dtype."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+from flax.linen import dtypes
+
+
+def affine_parameters(
+    module: nn.Module, shape: tuple[int, ...], *, use_scale: bool, use_bias: bool
+) -> tuple[jax.Array | None, jax.Array | None]:
+  """Declares `scale` and `bias` of `shape` (flax's names, initializers and `param_dtype`)."""
+  scale = module.param("scale", module.scale_init, shape, module.param_dtype) if use_scale else None
+  bias = module.param("bias", module.bias_init, shape, module.param_dtype) if use_bias else None
+  return scale, bias
+
+
+def output_dtype(x: jax.Array, *params: jax.Array | None, dtype: Any) -> Any:
+  """flax's rule: `dtype` if given, else the promotion of the input and the parameters."""
+  return dtypes.canonicalize_dtype(x, *(p for p in params if p is not None), dtype=dtype)
