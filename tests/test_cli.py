@@ -1,0 +1,66 @@
+"""The command line: `python -m jaxnorm check --quick` passes and reports every op; help and dispatch work."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from jaxnorm import cli
+
+OPS = ("moments", "normalize", "batch_norm", "layer_norm", "rms_norm")
+
+
+def test_quick_check_passes_and_reports_every_op():
+  # A subprocess, because the check enables float64 process-wide.
+  proc = subprocess.run(
+      [sys.executable, "-m", "jaxnorm", "check", "--quick"],
+      capture_output=True,
+      text=True,
+      timeout=120,
+  )
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  out = proc.stdout
+  for op in OPS:
+    assert op in out
+  for baseline in ("BatchNorm", "LayerNorm()", "RMSNorm()"):
+    assert baseline in out
+  assert "mean 1e4" in out and "FAIL" not in out
+  assert "jax " in out.splitlines()[2] and "CPUs" in out
+  assert "[1/" in proc.stderr and "timing layer_norm" in proc.stderr
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["check", "--help"]])
+def test_help(argv, capsys):
+  with pytest.raises(SystemExit) as exc:
+    cli.main(argv)
+  assert exc.value.code == 0
+  out = capsys.readouterr().out
+  assert "check" in out and "usage: jaxnorm" in out
+
+
+def test_no_command_runs_check(monkeypatch):
+  seen = []
+
+  def fake_check(args):
+    seen.append(args)
+    return 7
+
+  monkeypatch.setitem(cli._COMMANDS, "check", (cli._COMMANDS["check"][0], fake_check))
+  assert cli.main([]) == 7
+  assert seen[0].command == "check" and not seen[0].quick
+
+
+def test_failed_accuracy_row_fails_the_report():
+  from jaxnorm import selfcheck
+
+  def row(name, rel, counts=True, wrong_dtype=""):
+    return selfcheck.AccuracyRow(name, (2, 3), rel, rel, rel, 1e-4, counts, wrong_dtype)
+
+  rows = [row("layer_norm", 1e-7), row("flax contrast", 1.0, counts=False)]
+  ok = selfcheck.Report(["header"], rows, [], 1.0)
+  assert ok.passed and "All 1 accuracy checks passed" in selfcheck.format_report(ok)
+  for bad_row in (row("rms_norm", 1e-3), row("rms_norm", 0.0, wrong_dtype="got float64")):
+    bad = selfcheck.Report(["header"], [row("layer_norm", 1e-7), bad_row], [], 1.0)
+    assert not bad.passed and "FAILED: rms_norm" in selfcheck.format_report(bad)
