@@ -6,13 +6,37 @@ Flax.
 """
 
 from jaxnorm._batch_norm import batch_norm
+from jaxnorm._batch_renorm import batch_renorm, batch_renorm_schedule
+from jaxnorm._dyt import dyt
+from jaxnorm._filter_response_norm import filter_response_norm
+from jaxnorm._ghost_batch_norm import ghost_batch_norm
+from jaxnorm._group_norm import group_norm, instance_norm
 from jaxnorm._layer_norm import layer_norm, rms_norm
+from jaxnorm._local_response_norm import local_response_norm
 from jaxnorm._moments import moments
 from jaxnorm._normalize import normalize
+from jaxnorm._spectral_norm import spectral_norm
+from jaxnorm._weight_norm import weight_norm
+from jaxnorm._standardizer import Standardizer
 
 __version__ = "0.1.0"
 
-__all__ = ["batch_norm", "layer_norm", "moments", "normalize", "rms_norm"]
+__all__ = [
+    "batch_norm",
+    "batch_renorm",
+    "batch_renorm_schedule",
+    "dyt",
+    "filter_response_norm",
+    "ghost_batch_norm",
+    "group_norm",
+    "instance_norm",
+    "layer_norm",
+    "local_response_norm",
+    "moments",
+    "normalize",
+    "rms_norm",
+    "Standardizer",
+]
 
 
 def __getattr__(name: str):

@@ -84,4 +84,5 @@ def batch_norm(
       axis_index_groups=axis_index_groups,
       dtype=dtype,
       custom_vjp=custom_vjp,
+      with_statistics=True,
   )

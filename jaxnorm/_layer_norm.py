@@ -63,7 +63,7 @@ def layer_norm(
       where=where,
       dtype=dtype,
       custom_vjp=custom_vjp,
-  )[0]
+  )
 
 
 def rms_norm(
@@ -116,4 +116,4 @@ def rms_norm(
       where=where,
       dtype=dtype,
       custom_vjp=custom_vjp,
-  )[0]
+  )

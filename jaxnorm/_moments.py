@@ -53,6 +53,27 @@ def sum_across(values: list[jax.Array], axis_name: AxisName, axis_index_groups: 
   return list(summed)
 
 
+def _varying_axes(a: jax.Array) -> frozenset:
+  """The shard_map axes along which `a` varies (empty outside shard_map)."""
+  return frozenset(jax.typeof(a).mat.varying)
+
+
+def vary_like(x: jax.Array, *arrays: jax.Array | None) -> list[jax.Array | None]:
+  """Casts each array to vary over the shard_map axes `x` varies over.
+
+  A parameter replicated across devices enters a per-device computation; JAX
+  does this cast implicitly for its own ops, and transposes it into a sum over
+  the devices. A custom VJP must be handed arguments that already vary, or
+  its per-device cotangents would not match their replicated primals.
+  """
+  target = _varying_axes(x)
+  out = []
+  for a in arrays:
+    missing = () if a is None else tuple(sorted(target - _varying_axes(a), key=str))
+    out.append(lax.pcast(a, missing, to="varying") if missing else a)
+  return out
+
+
 def masked_zero(x: jax.Array, mask: jax.Array | None) -> jax.Array:
   """`x` with masked-out elements replaced by 0, so that NaN or inf there cannot leak into sums or gradients."""
   return x if mask is None else jnp.where(mask, x, jnp.zeros((), x.dtype))

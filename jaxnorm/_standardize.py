@@ -27,16 +27,15 @@ and :math:`\partial r/\partial v = -r^3/2`, for a valid position :math:`j`:
 
 .. math::
     \frac{\partial L}{\partial x_j}
-    = r\Big(h_j - \tfrac1N\langle h\rangle - \hat x_j\,\tfrac1N\langle h \hat x\rangle\Big)
-      + \tfrac1N\big(\bar\mu + 2\bar v\,(x_j-\mu)\big)
+    = r\Big(h_j - \tfrac1N\langle h\rangle - \hat x_j\,\tfrac1N\langle h \hat x\rangle\Big).
 
-where :math:`\bar\mu, \bar v` are the cotangents of the returned statistics.
 A masked-out position only feeds its own output: :math:`\partial L/\partial x_j = r h_j`
 (0 where it was non-finite). Without centering the :math:`\langle h\rangle`
-and :math:`\bar\mu` terms vanish and :math:`x_j - \mu` is :math:`x_j`.
+term vanishes.
 :math:`\partial L/\partial\gamma = \sum g\hat x` and
 :math:`\partial L/\partial\beta = \sum g`, summed over the axes the parameters
-are broadcast along, on this device only (parameters are per-device values).
+are broadcast along, on this device (under shard_map, JAX then sums them
+over the devices a replicated parameter is shared by; see `standardize`).
 
 The forward saves the input itself (no new buffer), the parameters, the mask
 and per-group statistics; :math:`\hat x` is recomputed in the backward, which
@@ -80,14 +79,22 @@ def standardize(
     spec: Spec,
     *,
     custom_vjp: bool = True,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Normalizes `x` over `spec.axes`; returns `(y, mean, var)`, the statistics with keepdims shapes.
+) -> jax.Array:
+  """Normalizes `x` over `spec.axes` and applies the affine parameters.
 
   `scale` and `bias` are None or arrays of `x.ndim` dimensions that broadcast
   to `x`; `mask` is None or a boolean array of `x.shape`. Arguments are
   assumed checked (see `_validation`). With `custom_vjp=False` the same
   forward is differentiated by plain autodiff, which forward mode needs.
   """
+  # A copy, free under jit, works around a JAX bug: a NumPy array closed over
+  # and vmapped inside jit reaches a custom_vjp as a non-canonical constant.
+  x = jnp.array(x)
+  mask = None if mask is None else jnp.array(mask)
+  # Under shard_map, parameters replicated across devices must vary like `x`
+  # before they enter the custom VJP: their cotangents vary, and JAX sums them
+  # over the devices when it transposes this cast.
+  scale, bias, mask = _moments.vary_like(x, scale, bias, mask)
   if custom_vjp:
     return _standardize_vjp(x, scale, bias, mask, spec)
   return _forward(x, scale, bias, mask, spec)[0]
@@ -116,7 +123,7 @@ def _forward(x, scale, bias, mask, spec: Spec):
     y = y * scale.astype(spec.acc_dtype)
   if bias is not None:
     y = y + bias.astype(spec.acc_dtype)
-  return (y.astype(spec.out_dtype), stats.mean, stats.var), (stats, rstd)
+  return y.astype(spec.out_dtype), (stats, rstd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -130,13 +137,12 @@ def _centered(x, shift, offset):
 
 
 def _fwd(x, scale, bias, mask, spec):
-  out, (stats, rstd) = _forward(x, scale, bias, mask, spec)
-  return out, (x, scale, bias, mask, stats.count, stats.shift, stats.offset, rstd)
+  y, (stats, rstd) = _forward(x, scale, bias, mask, spec)
+  return y, (x, scale, bias, mask, stats.count, stats.shift, stats.offset, rstd)
 
 
-def _bwd(spec: Spec, residuals, cotangents):
+def _bwd(spec: Spec, residuals, g):
   x, scale, bias, mask, count, shift, offset, rstd = residuals
-  g, g_mean, g_var = cotangents
   acc = spec.acc_dtype
   xa = x.astype(acc)
   readable = _readable(xa, mask)
@@ -145,14 +151,14 @@ def _bwd(spec: Spec, residuals, cotangents):
   g = g.astype(acc)
   h = g if scale is None else g * scale.astype(acc)
 
-  sums = [jnp.sum(h * xhat, spec.axes, keepdims=True), g_var]
+  sums = [jnp.sum(h * xhat, spec.axes, keepdims=True)]
   if spec.centered:
-    sums += [jnp.sum(h, spec.axes, keepdims=True), g_mean]
+    sums.append(jnp.sum(h, spec.axes, keepdims=True))
   sums = _moments.sum_across(sums, spec.axis_name, spec.axis_index_groups)
   inv_n = 1 / jnp.maximum(count, 1)
-  correction = xhat * (sums[0] * inv_n) - 2 * sums[1] * inv_n * xc / rstd
+  correction = xhat * (sums[0] * inv_n)
   if spec.centered:
-    correction = correction + (sums[2] - sums[3] / rstd) * inv_n
+    correction = correction + sums[1] * inv_n
   # Only valid positions move the statistics, so only they get the correction.
   dx = rstd * (h - _moments.masked_zero(correction, mask))
   dx = _moments.masked_zero(dx, readable)
@@ -187,12 +193,18 @@ def apply(
     axis_index_groups: Any = None,
     dtype: Any = None,
     custom_vjp: bool = True,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+    with_statistics: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
   """Validates public arguments and runs `standardize`.
 
   `axes` are the reduction axes (checked under the name `axes_name`);
   `param_axes` are the axes `scale`/`bias` span, whose shape they must have.
-  Returns `(y, mean, var)` with the statistics squeezed to the non-reduced axes.
+  Returns `y`, or with `with_statistics` `(y, mean, var)`, the statistics
+  squeezed to the non-reduced axes. The statistics are computed by plain
+  differentiable code outside the custom VJP, so that JAX itself transposes
+  their collectives (under vmap or shard_map their cotangents arrive already
+  summed over devices; under pmap they do not). Under jit, XLA merges these
+  reductions with the identical ones inside the kernel.
   """
   x = _validation.floating_input(x)
   axes = _validation.canonical_axes(axes, x.ndim, axes_name)
@@ -216,8 +228,18 @@ def apply(
       axis_index_groups=_hashable_groups(axis_index_groups),
   )
   mask = _validation.broadcast_mask(where, x.shape)
-  y, mean, var = standardize(x, params[0], params[1], mask, spec, custom_vjp=custom_vjp)
-  return y, jnp.squeeze(mean, axes), jnp.squeeze(var, axes)
+  y = standardize(x, params[0], params[1], mask, spec, custom_vjp=custom_vjp)
+  if not with_statistics:
+    return y
+  stats = _moments.compute(
+      x.astype(spec.acc_dtype),
+      axes,
+      mask,
+      centered=centered,
+      axis_name=axis_name,
+      axis_index_groups=spec.axis_index_groups,
+  )
+  return y, jnp.squeeze(stats.mean, axes), jnp.squeeze(stats.var, axes)
 
 
 def _hashable_groups(groups: Any) -> Any:

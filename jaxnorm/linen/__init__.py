@@ -5,6 +5,28 @@ so a checkpoint written with `flax.linen` loads into these modules unchanged.
 """
 
 from jaxnorm.linen._batch_norm import BatchNorm
+from jaxnorm.linen._batch_renorm import BatchRenorm
+from jaxnorm.linen._dyt import DyT
+from jaxnorm.linen._filter_response_norm import FilterResponseNorm
+from jaxnorm.linen._ghost_batch_norm import GhostBatchNorm
+from jaxnorm.linen._group_norm import GroupNorm, InstanceNorm
 from jaxnorm.linen._layer_norm import LayerNorm, RMSNorm
+from jaxnorm.linen._local_response_norm import LocalResponseNorm
+from jaxnorm.linen._spectral_norm import SpectralNorm
+from jaxnorm.linen._weight_norm import MeanOnlyBatchNorm, WeightNorm
 
-__all__ = ["BatchNorm", "LayerNorm", "RMSNorm"]
+__all__ = [
+    "BatchNorm",
+    "BatchRenorm",
+    "DyT",
+    "FilterResponseNorm",
+    "GhostBatchNorm",
+    "GroupNorm",
+    "InstanceNorm",
+    "LayerNorm",
+    "LocalResponseNorm",
+    "MeanOnlyBatchNorm",
+    "RMSNorm",
+    "SpectralNorm",
+    "WeightNorm",
+]

@@ -22,7 +22,7 @@ def _per_example(module: nn.Module, x: jax.Array, mask: jax.Array | None, *, cen
   scale, bias = affine_parameters(
       module, feature_shape, use_scale=module.use_scale, use_bias=centered and module.use_bias
   )
-  y, _, _ = _standardize.apply(
+  y = _standardize.apply(
       x,
       scale,
       bias,
