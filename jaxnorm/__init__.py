@@ -16,8 +16,8 @@ from jaxnorm._local_response_norm import local_response_norm
 from jaxnorm._moments import moments
 from jaxnorm._normalize import normalize
 from jaxnorm._spectral_norm import spectral_norm
-from jaxnorm._weight_norm import weight_norm
 from jaxnorm._standardizer import Standardizer
+from jaxnorm._weight_norm import weight_norm
 
 __version__ = "0.1.0"
 
@@ -35,7 +35,9 @@ __all__ = [
     "moments",
     "normalize",
     "rms_norm",
+    "spectral_norm",
     "Standardizer",
+    "weight_norm",
 ]
 
 

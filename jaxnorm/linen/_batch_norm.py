@@ -13,6 +13,7 @@ from jax.nn import initializers
 import jaxnorm
 from jaxnorm import _validation
 from jaxnorm.linen._affine import affine_parameters, output_dtype
+from jaxnorm.linen._running_stats import RunningStatistics
 
 
 class BatchNorm(nn.Module):
@@ -82,28 +83,12 @@ class BatchNorm(nn.Module):
     x = _validation.floating_input(x)
     feature_axes = _validation.canonical_axes(self.axis, x.ndim, "axis")
     feature_shape = tuple(x.shape[a] for a in feature_axes)
-    ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), feature_shape)
-    ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), feature_shape)
+    running = RunningStatistics(self, feature_shape)
     scale, bias = affine_parameters(self, feature_shape, use_scale=self.use_scale, use_bias=self.use_bias)
     dtype = output_dtype(x, scale, bias, dtype=self.dtype)
 
     if use_running_average:
-      stats_shape = tuple(d if i in feature_axes else 1 for i, d in enumerate(x.shape))
-
-      def broadcast(a):
-        return None if a is None else a.reshape(stats_shape)
-
-      # Normalize in the promoted dtype, as flax does, then cast once.
-      compute = jnp.promote_types(x.dtype, dtype)
-      y = jaxnorm.normalize(
-          x.astype(compute),
-          broadcast(ra_mean.value),
-          broadcast(ra_var.value),
-          broadcast(scale),
-          broadcast(bias),
-          epsilon=self.epsilon,
-      )
-      return y.astype(dtype)
+      return running.normalize(x, feature_axes, scale, bias, epsilon=self.epsilon, dtype=dtype)
 
     y, mean, var = jaxnorm.batch_norm(
         x,
@@ -117,7 +102,5 @@ class BatchNorm(nn.Module):
         axis_index_groups=self.axis_index_groups,
         dtype=dtype,
     )
-    if not self.is_initializing():
-      ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
-      ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+    running.update(mean, var)
     return y

@@ -13,6 +13,7 @@ from jax.nn import initializers
 import jaxnorm
 from jaxnorm import _validation
 from jaxnorm.linen._affine import affine_parameters, output_dtype
+from jaxnorm.linen._running_stats import RunningStatistics
 
 
 class BatchRenorm(nn.Module):
@@ -116,8 +117,7 @@ class BatchRenorm(nn.Module):
     x = _validation.floating_input(x)
     feature_axes = _validation.canonical_axes(self.axis, x.ndim, "axis")
     feature_shape = tuple(x.shape[a] for a in feature_axes)
-    ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), feature_shape)
-    ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), feature_shape)
+    running = RunningStatistics(self, feature_shape)
     steps = None
     if self.r_max is None or self.d_max is None:
       steps = self.variable("batch_stats", "steps", lambda: jnp.zeros((), jnp.int32))
@@ -125,22 +125,7 @@ class BatchRenorm(nn.Module):
     dtype = output_dtype(x, scale, bias, dtype=self.dtype)
 
     if use_running_average:
-      stats_shape = tuple(d if i in feature_axes else 1 for i, d in enumerate(x.shape))
-
-      def broadcast(a):
-        return None if a is None else a.reshape(stats_shape)
-
-      # Normalize in the promoted dtype, as flax's BatchNorm does, then cast once.
-      compute = jnp.promote_types(x.dtype, dtype)
-      y = jaxnorm.normalize(
-          x.astype(compute),
-          broadcast(ra_mean.value),
-          broadcast(ra_var.value),
-          broadcast(scale),
-          broadcast(bias),
-          epsilon=self.epsilon,
-      )
-      return y.astype(dtype)
+      return running.normalize(x, feature_axes, scale, bias, epsilon=self.epsilon, dtype=dtype)
 
     r_max, d_max = self.r_max, self.d_max
     if steps is not None:
@@ -158,8 +143,8 @@ class BatchRenorm(nn.Module):
         x,
         scale,
         bias,
-        ra_mean.value,
-        ra_var.value,
+        running.mean.value,
+        running.var.value,
         r_max=r_max,
         d_max=d_max,
         feature_axes=feature_axes,
@@ -170,10 +155,8 @@ class BatchRenorm(nn.Module):
         axis_index_groups=self.axis_index_groups,
         dtype=dtype,
     )
-    if not self.is_initializing():
-      # r and d above were measured against the running statistics before this update.
-      ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
-      ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
-      if steps is not None:
-        steps.value = steps.value + 1
+    # r and d above were measured against the running statistics before this update.
+    running.update(mean, var)
+    if steps is not None and not self.is_initializing():
+      steps.value = steps.value + 1
     return y
