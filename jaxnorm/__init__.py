@@ -42,9 +42,10 @@ __all__ = [
 
 
 def __getattr__(name: str):
-  # Imported lazily: `import jaxnorm` must not pull in Flax.
-  if name == "linen":
+  # Imported lazily: `import jaxnorm` must not pull in Flax, and the analysis
+  # tools are users of this package, never a part of its import.
+  if name in ("linen", "analysis"):
     import importlib
 
-    return importlib.import_module("jaxnorm.linen")
+    return importlib.import_module(f"jaxnorm.{name}")
   raise AttributeError(f"module 'jaxnorm' has no attribute {name!r}")

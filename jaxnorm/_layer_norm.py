@@ -100,7 +100,7 @@ def rms_norm(
   Example:
     >>> import jax.numpy as jnp, jaxnorm
     >>> jaxnorm.rms_norm(jnp.array([[3., 4.]]), epsilon=1e-12)
-    Array([[0.8485281, 1.1313709]], dtype=float32)
+    Array([[0.84852815, 1.1313709 ]], dtype=float32)
   """
   x = _validation.floating_input(x)
   return _standardize.apply(
