@@ -1,8 +1,8 @@
 """jaxnorm: normalization layers for JAX and Flax with hand-derived VJPs and stable statistics.
 
-The functional API lives at the top level; Flax modules live in
-`jaxnorm.linen`, imported on demand so that the functional core never needs
-Flax.
+The functional API lives at the top level. Flax modules live in
+`jaxnorm.linen` and `jaxnorm.nnx`, and analysis tools in `jaxnorm.analysis`;
+they are imported on demand, so that the functional core never needs Flax.
 """
 
 from jaxnorm._batch_norm import batch_norm
@@ -44,7 +44,7 @@ __all__ = [
 def __getattr__(name: str):
   # Imported lazily: `import jaxnorm` must not pull in Flax, and the analysis
   # tools are users of this package, never a part of its import.
-  if name in ("linen", "analysis"):
+  if name in ("linen", "nnx", "analysis", "interop"):
     import importlib
 
     return importlib.import_module(f"jaxnorm.{name}")

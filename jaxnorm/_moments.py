@@ -49,7 +49,18 @@ def sum_across(values: list[jax.Array], axis_name: AxisName, axis_index_groups: 
   """Sums same-shaped arrays across devices with one stacked `psum` (latency, not bandwidth, dominates)."""
   if axis_name is None:
     return values
-  summed = lax.psum(jnp.stack(values), axis_name, axis_index_groups=axis_index_groups)
+  stacked = jnp.stack(values)
+  try:
+    summed = lax.psum(stacked, axis_name, axis_index_groups=axis_index_groups)
+  except NotImplementedError as e:
+    if axis_index_groups is None or not _varying_axes(stacked):
+      raise
+    # JAX raises a bare NotImplementedError for index groups under shard_map with check_vma=True.
+    raise ValueError(
+        f"`axis_index_groups`={axis_index_groups!r} is not supported by JAX under `jax.shard_map` with "
+        "check_vma=True (the default). Use `jax.shard_map(..., check_vma=False)` or `jax.pmap`, or give each "
+        "group its own mesh axis and pass that as `axis_name`."
+    ) from e
   return list(summed)
 
 

@@ -42,16 +42,22 @@ def test_docstring_examples_pass_in_float32():
   for line in proc.stdout.splitlines():
     name, count, _ = line.split()
     attempted[name] = int(count)
-  # The walk reached all three layers: the functional core, linen and analysis.
-  for module in ("jaxnorm._batch_norm", "jaxnorm.linen._batch_norm", "jaxnorm.analysis._invariance"):
+  # The walk reached every layer: the functional core, linen, nnx and analysis.
+  for module in (
+      "jaxnorm._batch_norm",
+      "jaxnorm.linen._batch_norm",
+      "jaxnorm.nnx._batch_norm",
+      "jaxnorm.analysis._invariance",
+  ):
     assert attempted.get(module, 0) > 0, (module, sorted(attempted))
 
 
 def _public_callables():
   import jaxnorm.analysis
   import jaxnorm.linen
+  import jaxnorm.nnx
 
-  for module in (jaxnorm, jaxnorm.linen, jaxnorm.analysis):
+  for module in (jaxnorm, jaxnorm.linen, jaxnorm.nnx, jaxnorm.analysis):
     for name in module.__all__:
       obj = getattr(module, name)
       if callable(obj):
