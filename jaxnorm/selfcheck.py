@@ -14,28 +14,25 @@ layer of the same name, timed alternately after warm-up; the median is
 reported.
 
 This module is a user of the public API: it imports only `jaxnorm`'s public
-names and flax.
+names, flax, and the timing helpers it shares with `jaxnorm bench`
+(`jaxnorm._timing`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import os
-import platform
-import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import jaxnorm
+from jaxnorm import _timing
 
 RTOL = 1e-4
 STABILITY_OFFSET = 1e4
@@ -305,46 +302,6 @@ def stability_rows(seed: int) -> list[AccuracyRow]:
 # timing
 
 
-def _loss_grad(apply: Callable[..., jax.Array], n_params: int) -> Callable[..., Any]:
-  """jit of the gradient of sum(apply(x, *params) * ct) with respect to x and the params."""
-
-  def loss(x, *rest):
-    *params, ct = rest
-    return jnp.sum(apply(x, *params) * ct)
-
-  return jax.jit(jax.grad(loss, argnums=tuple(range(1 + n_params))))
-
-
-def _flax_apply(module: nn.Module, names: Sequence[str], batch_stats: Any = None) -> Callable[..., jax.Array]:
-  def apply(x, *params):
-    variables = {"params": dict(zip(names, params))}
-    if batch_stats is None:
-      return module.apply(variables, x)
-    # Training mode needs the mutable collection; its update is discarded
-    # (and dead-code eliminated), as jaxnorm's unused statistics are.
-    y, _ = module.apply({**variables, "batch_stats": batch_stats}, x, mutable=["batch_stats"])
-    return y
-
-  return apply
-
-
-def _median_ms(fns: dict[str, Callable[[], Any]], warmup: int, repeats: int) -> dict[str, float]:
-  """Median wall time of each thunk; the thunks take turns so that machine drift hits all alike."""
-  for fn in fns.values():
-    for _ in range(warmup):
-      jax.block_until_ready(fn())
-  times: dict[str, list[float]] = {k: [] for k in fns}
-  keys = list(fns)
-  for i in range(repeats):
-    # Rotate who goes first, so no implementation always runs on a warm cache.
-    order = keys[i % len(keys) :] + keys[: i % len(keys)]
-    for k in order:
-      t0 = time.perf_counter()
-      jax.block_until_ready(fns[k]())
-      times[k].append(time.perf_counter() - t0)
-  return {k: 1e3 * statistics.median(v) for k, v in times.items()}
-
-
 def timing_steps(sizes: Sizes, seed: int) -> list[tuple[str, Callable[[], list[TimingRow]]]]:
   """The timing runs as (progress label, thunk) pairs."""
   rng = np.random.default_rng(seed + 2)
@@ -355,14 +312,14 @@ def timing_steps(sizes: Sizes, seed: int) -> list[tuple[str, Callable[[], list[T
     params = [_normal(rng, c, 1.0, 0.5), _normal(rng, c)][: len(param_names)]
     ct = _normal(rng, shape)
     args = [jnp.asarray(a) for a in (x, *params, ct)]
-    fns = {"jaxnorm": _loss_grad(jaxnorm_apply, len(params))}
+    fns = {"jaxnorm": _timing.loss_grad(jaxnorm_apply, len(params))}
     for label, (module, needs_stats) in baselines.items():
       stats = None
       if needs_stats:
         stats = module.init(jax.random.key(0), args[0])["batch_stats"]
-      fns[label] = _loss_grad(_flax_apply(module, param_names, stats), len(params))
+      fns[label] = _timing.loss_grad(_timing.flax_apply(module, param_names, stats), len(params))
     thunks = {k: (lambda f=f: f(*args)) for k, f in fns.items()}
-    ms = _median_ms(thunks, sizes.warmup, sizes.repeats)
+    ms = _timing.median_ms(thunks, sizes.warmup, sizes.repeats)
     return [TimingRow(op, shape, label, ms["jaxnorm"], ms[label]) for label in baselines]
 
   rows, images = sizes.timing_rows, sizes.timing_images
@@ -411,29 +368,7 @@ def timing_steps(sizes: Sizes, seed: int) -> list[tuple[str, Callable[[], list[T
 
 def machine_header() -> list[str]:
   """Date, machine and library versions, one fact a line."""
-  now = datetime.datetime.now().astimezone()
-  devices = ", ".join(sorted({f"{d.platform}:{d.device_kind}" for d in jax.devices()}))
-  # Other work on the machine skews the timings; the load says how much to trust them.
-  load = f", load average {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else ""
-  return [
-      f"jaxnorm {jaxnorm.__version__} self-check, {now:%Y-%m-%d %H:%M:%S %Z}",
-      f"machine: {platform.platform()}, {os.cpu_count()} CPUs{load}, python {platform.python_version()}",
-      f"jax {jax.__version__}, flax {flax.__version__}, numpy {np.__version__}; devices: {devices}",
-  ]
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[bool]) -> list[str]:
-  widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-
-  def line(cells):
-    out = [c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, widths, right)]
-    return "  ".join(out).rstrip()
-
-  return [line(headers), "  ".join("-" * w for w in widths), *(line(r) for r in rows)]
-
-
-def _shape(shape: Sequence[int]) -> str:
-  return "(" + ", ".join(str(d) for d in shape) + ")"
+  return _timing.machine_lines("self-check")
 
 
 def format_report(report: Report) -> str:
@@ -449,7 +384,7 @@ def format_report(report: Report) -> str:
     acc_rows.append(
         [
             r.name,
-            _shape(r.shape),
+            _timing.shape_str(r.shape),
             f"{r.fwd_err:.2e}",
             "-" if r.grad_err is None else f"{r.grad_err:.2e}",
             f"{r.worst_rel:.2e}",
@@ -458,7 +393,7 @@ def format_report(report: Report) -> str:
             "; ".join(n for n in (r.wrong_dtype, r.note) if n),
         ]
     )
-  lines += _table(
+  lines += _timing.table(
       ["check", "shape", "fwd max|err|", "grad max|err|", "worst err/scale", "tol", "result", "note"],
       acc_rows,
       [False, False, True, True, True, True, False, False],
@@ -470,10 +405,10 @@ def format_report(report: Report) -> str:
         f"{report.sizes.repeats} interleaved runs after {report.sizes.warmup} warm-up.",
     ]
     t_rows = [
-        [t.op, _shape(t.shape), t.baseline, f"{t.jaxnorm_ms:.3f}", f"{t.flax_ms:.3f}", f"{t.ratio:.2f}"]
+        [t.op, _timing.shape_str(t.shape), t.baseline, f"{t.jaxnorm_ms:.3f}", f"{t.flax_ms:.3f}", f"{t.ratio:.2f}"]
         for t in report.timing
     ]
-    lines += _table(
+    lines += _timing.table(
         ["op", "shape", "flax.linen baseline", "jaxnorm ms", "flax ms", "jaxnorm/flax"],
         t_rows,
         [False, False, False, True, True, True],
