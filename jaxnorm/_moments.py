@@ -64,24 +64,6 @@ def sum_across(values: list[jax.Array], axis_name: AxisName, axis_index_groups: 
   return list(summed)
 
 
-def fused_sums(arrays: list[jax.Array], axes: tuple[int, ...]) -> list[jax.Array]:
-  """Sums of same-shaped arrays over `axes` (keepdims), in as few passes over memory as XLA allows.
-
-  Over leading axes (batch norm, group norm) separate `jnp.sum` calls of
-  arrays computed from a shared intermediate lead XLA to materialize that
-  intermediate and read it once per sum; one variadic reduction with several
-  outputs reads it once (this halves the bytes a batch-norm forward moves on
-  CPU). Over the minor axis alone (layer norm) XLA:CPU fuses separate sums,
-  and the whole row-wise normalization around them, into one pass, which a
-  variadic reduction would break up.
-  """
-  if len(arrays) == 1 or axes == (arrays[0].ndim - 1,):
-    return [jnp.sum(a, axes, keepdims=True) for a in arrays]
-  zeros = tuple(jnp.zeros((), a.dtype) for a in arrays)
-  sums = lax.reduce(tuple(arrays), zeros, lambda u, v: tuple(a + b for a, b in zip(u, v)), axes)
-  return [jnp.expand_dims(t, axes) for t in sums]
-
-
 def _varying_axes(a: jax.Array) -> frozenset:
   """The shard_map axes along which `a` varies (empty outside shard_map)."""
   return frozenset(jax.typeof(a).mat.varying)
@@ -145,7 +127,7 @@ def compute(
   shift = total * inv_count
   d = masked_zero(x - shift, mask)
   d_sum, d2_sum = sum_across(
-      fused_sums([d, jnp.square(d)], axes),
+      [jnp.sum(d, axes, keepdims=True), jnp.sum(jnp.square(d), axes, keepdims=True)],
       axis_name,
       axis_index_groups,
   )

@@ -151,7 +151,9 @@ def _bwd(spec: Spec, residuals, g):
   g = g.astype(acc)
   h = g if scale is None else g * scale.astype(acc)
 
-  sums = _moments.fused_sums([h * xhat, h] if spec.centered else [h * xhat], spec.axes)
+  sums = [jnp.sum(h * xhat, spec.axes, keepdims=True)]
+  if spec.centered:
+    sums.append(jnp.sum(h, spec.axes, keepdims=True))
   sums = _moments.sum_across(sums, spec.axis_name, spec.axis_index_groups)
   inv_n = 1 / jnp.maximum(count, 1)
   correction = xhat * (sums[0] * inv_n)
