@@ -52,6 +52,13 @@ def sum_across(values: list[jax.Array], axis_name: AxisName, axis_index_groups: 
   stacked = jnp.stack(values)
   try:
     summed = lax.psum(stacked, axis_name, axis_index_groups=axis_index_groups)
+  except NameError as e:
+    raise NameError(
+        f"`axis_name`={axis_name!r} is not bound by an enclosing mapped transformation ({e}): statistics "
+        "are merged across the devices of that axis, so call this inside `jax.shard_map`, `jax.pmap` or "
+        f"`jax.vmap` with axis_name={axis_name!r}, or pass axis_name=None (under `jax.jit` with sharded "
+        "arrays the statistics are already global)."
+    ) from e
   except NotImplementedError as e:
     if axis_index_groups is None or not _varying_axes(stacked):
       raise

@@ -223,7 +223,7 @@ def apply(
       centered=centered,
       epsilon=_validation.positive_epsilon(epsilon),
       out_dtype=np.dtype(out_dtype),
-      acc_dtype=_validation.accumulation_dtype(x.dtype, *(p.dtype for p in params if p is not None)),
+      acc_dtype=_validation.accumulation_dtype(x.dtype, out_dtype, *(p.dtype for p in params if p is not None)),
       axis_name=axis_name,
       axis_index_groups=_hashable_groups(axis_index_groups),
   )

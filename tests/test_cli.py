@@ -40,16 +40,16 @@ def test_help(argv, capsys):
   assert "check" in out and "usage: jaxnorm" in out
 
 
-def test_no_command_runs_check(monkeypatch):
+def test_no_command_runs_the_tour(monkeypatch):
   seen = []
 
-  def fake_check(args):
+  def fake_tour(args):
     seen.append(args)
     return 7
 
-  monkeypatch.setitem(cli._COMMANDS, "check", (cli._COMMANDS["check"][0], fake_check))
+  monkeypatch.setitem(cli._COMMANDS, "tour", (cli._COMMANDS["tour"][0], fake_tour))
   assert cli.main([]) == 7
-  assert seen[0].command == "check" and not seen[0].quick
+  assert seen[0].command == "tour" and not seen[0].quick
 
 
 def test_failed_accuracy_row_fails_the_report():

@@ -8,10 +8,14 @@ from jaxnorm.linen._batch_norm import BatchNorm
 from jaxnorm.linen._batch_renorm import BatchRenorm
 from jaxnorm.linen._dyt import DyT
 from jaxnorm.linen._filter_response_norm import FilterResponseNorm
+from jaxnorm.linen._fold import fold_batch_norm
+from jaxnorm.linen._frozen_batch_norm import FrozenBatchNorm
 from jaxnorm.linen._ghost_batch_norm import GhostBatchNorm
 from jaxnorm.linen._group_norm import GroupNorm, InstanceNorm
 from jaxnorm.linen._layer_norm import LayerNorm, RMSNorm
 from jaxnorm.linen._local_response_norm import LocalResponseNorm
+from jaxnorm.linen._precise_batch_stats import precise_batch_stats
+from jaxnorm.linen._running_stats import ImmutableBatchStatsError, MissingBatchStatsError
 from jaxnorm.linen._spectral_norm import SpectralNorm
 from jaxnorm.linen._weight_norm import MeanOnlyBatchNorm, WeightNorm
 
@@ -20,13 +24,18 @@ __all__ = [
     "BatchRenorm",
     "DyT",
     "FilterResponseNorm",
+    "FrozenBatchNorm",
     "GhostBatchNorm",
     "GroupNorm",
+    "ImmutableBatchStatsError",
     "InstanceNorm",
     "LayerNorm",
     "LocalResponseNorm",
     "MeanOnlyBatchNorm",
+    "MissingBatchStatsError",
     "RMSNorm",
     "SpectralNorm",
     "WeightNorm",
+    "fold_batch_norm",
+    "precise_batch_stats",
 ]

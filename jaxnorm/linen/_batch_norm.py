@@ -13,7 +13,7 @@ from jax.nn import initializers
 import jaxnorm
 from jaxnorm import _validation
 from jaxnorm.linen._affine import affine_parameters, output_dtype
-from jaxnorm.linen._running_stats import RunningStatistics
+from jaxnorm.linen._running_stats import DEFAULT_MOMENTUM, RunningStatistics, stats_dtype
 
 
 class BatchNorm(nn.Module):
@@ -38,6 +38,51 @@ class BatchNorm(nn.Module):
   Likewise statistics are always reduced in at least float32, whatever
   `force_float32_reductions` says.
 
+  Running-statistics conventions (attribute `convention`):
+
+  * ``"flax"`` (default): the update above, `momentum` (default 0.99) the
+    weight of the old value, biased :math:`\sigma_B^2`.
+  * ``"torch"``, for models ported from `torch.nn.BatchNorm2d` and friends:
+    :math:`\bar\mu \leftarrow (1 - m) \bar\mu + m \mu_B`,
+    :math:`\bar\sigma^2 \leftarrow (1 - m) \bar\sigma^2 + m \sigma_B^2 \frac{n}{n-1}`
+    (the unbiased variance, :math:`n` the valid values per feature over all
+    devices; the output still uses the biased one), and an int32 counter
+    ``batch_stats["num_batches_tracked"]``. `momentum` is the weight of the
+    *new* batch; left unset it is torch's 0.1 (0.99 under ``"flax"``), an
+    explicit value is taken as given, and ``momentum=None`` is torch's
+    cumulative average (:math:`m = 1/k` at the k-th training step). A torch
+    state dict maps as ``running_mean -> mean``, ``running_var -> var``,
+    ``num_batches_tracked``, ``weight -> scale``, ``bias -> bias`` (NCHW to
+    NHWC is a transpose of the input only).
+
+  ``track_running_stats=False`` (torch's name): no running statistics and no
+  ``batch_stats`` variables; batch statistics are used in training and at
+  inference alike, and `use_running_average` need not be set.
+  `jaxnorm.linen.precise_batch_stats` replaces the running averages of a
+  trained model by the exact population statistics (PreciseBN).
+
+  Dtypes follow flax: statistics in the module's `dtype` (else the input's),
+  at least float32, so bfloat16/float16 inputs get float32 statistics (no
+  overflow of float16 squares) and float32 running statistics. float64 (under
+  ``jax_enable_x64``) stays float64; the running statistics are then created
+  in float64, where flax creates float32 and its first update turns them into
+  float64: the statistics stay float64-exact (flax's first update is
+  float32-rounded) and the dtype of ``batch_stats`` never changes between
+  steps, as `jax.lax.scan` needs (see `jaxnorm.linen._running_stats`).
+
+  Bad states raise clear errors: training without a mutable ``batch_stats``
+  (an `ImmutableBatchStatsError`, a subclass of flax's
+  `ModifyScopeVariableError`, saying to pass ``mutable=["batch_stats"]``);
+  running statistics read from variables without ``batch_stats`` (a
+  `MissingBatchStatsError`, a subclass of flax's `ScopeCollectionNotFound`); an
+  `axis_name` that no enclosing `shard_map`/`pmap`/`vmap` binds (a
+  `NameError` naming `axis_name`). A training batch with a *single value per
+  feature* (e.g. one example of shape ``(1, C)``) raises a `ValueError`, as in
+  PyTorch: its variance is 0, every output would equal the bias, and no
+  gradient would flow, which flax returns silently. `init` is exempt (models
+  are often initialized with one dummy example); with a `mask` the count is
+  not static and is not checked.
+
   Example:
     >>> import jax, jax.numpy as jnp
     >>> from jaxnorm import linen as jnn
@@ -51,7 +96,7 @@ class BatchNorm(nn.Module):
 
   use_running_average: bool | None = None
   axis: Axes = -1
-  momentum: float = 0.99
+  momentum: float | None = DEFAULT_MOMENTUM
   epsilon: float = 1e-5
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
@@ -63,6 +108,8 @@ class BatchNorm(nn.Module):
   axis_index_groups: Any = None
   use_fast_variance: bool = True
   force_float32_reductions: bool = True
+  convention: str = "flax"
+  track_running_stats: bool = True
 
   @nn.compact
   def __call__(
@@ -79,16 +126,19 @@ class BatchNorm(nn.Module):
     Returns:
       The normalized input, shaped like `x`.
     """
-    use_running_average = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
     x = _validation.floating_input(x)
     feature_axes = _validation.canonical_axes(self.axis, x.ndim, "axis")
     feature_shape = tuple(x.shape[a] for a in feature_axes)
-    running = RunningStatistics(self, feature_shape)
+    running = RunningStatistics(self, feature_shape, stats_dtype(x.dtype, self.dtype))
     scale, bias = affine_parameters(self, feature_shape, use_scale=self.use_scale, use_bias=self.use_bias)
     dtype = output_dtype(x, scale, bias, dtype=self.dtype)
 
-    if use_running_average:
-      return running.normalize(x, feature_axes, scale, bias, epsilon=self.epsilon, dtype=dtype)
+    if running.tracking:
+      use_running_average = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
+      if use_running_average:
+        return running.normalize(x, feature_axes, scale, bias, epsilon=self.epsilon, dtype=dtype)
+    reduced = tuple(a for a in range(x.ndim) if a not in feature_axes)
+    count = running.training_count(x.shape, reduced, mask)
 
     y, mean, var = jaxnorm.batch_norm(
         x,
@@ -102,5 +152,5 @@ class BatchNorm(nn.Module):
         axis_index_groups=self.axis_index_groups,
         dtype=dtype,
     )
-    running.update(mean, var)
+    running.update(mean, var, count)
     return y

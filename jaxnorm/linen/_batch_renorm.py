@@ -13,7 +13,7 @@ from jax.nn import initializers
 import jaxnorm
 from jaxnorm import _validation
 from jaxnorm.linen._affine import affine_parameters, output_dtype
-from jaxnorm.linen._running_stats import RunningStatistics
+from jaxnorm.linen._running_stats import DEFAULT_MOMENTUM, RunningStatistics, stats_dtype
 
 
 class BatchRenorm(nn.Module):
@@ -63,6 +63,17 @@ class BatchRenorm(nn.Module):
   inequality, most at the small batches batch renorm is meant for (for
   Gaussian data by a further 8% at 4 examples per feature, 3.5% at 8).
 
+  `convention` selects how the running statistics are updated, exactly as
+  in `BatchNorm`: ``"flax"`` (default) or ``"torch"`` (`momentum` the weight
+  of the new batch, 0.1 when unset, None for a cumulative average; unbiased
+  running variance; an int32 ``num_batches_tracked`` counter, which then also
+  drives the warm-up schedule in place of ``steps``). There is no
+  `track_running_stats`: :math:`r` and :math:`d` are measured against the
+  running statistics, so batch renorm without them is not defined (it would
+  be plain `BatchNorm` with ``track_running_stats=False``). The bad-state
+  errors (immutable ``batch_stats``, a single value per feature in
+  training, an unbound `axis_name`) are `BatchNorm`'s.
+
   With fixed bounds from step 0, :math:`r, d` are measured against the
   initial running statistics (mean 0, variance 1), which are meaningless
   early on; that is what the warm-up is for.
@@ -80,7 +91,7 @@ class BatchRenorm(nn.Module):
 
   use_running_average: bool | None = None
   axis: Axes = -1
-  momentum: float = 0.99
+  momentum: float | None = DEFAULT_MOMENTUM
   epsilon: float = 1e-5
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
@@ -97,6 +108,7 @@ class BatchRenorm(nn.Module):
   r_max_steps: int = 40_000
   d_max_final: float = 5.0
   d_max_steps: int = 25_000
+  convention: str = "flax"
 
   @nn.compact
   def __call__(
@@ -117,16 +129,21 @@ class BatchRenorm(nn.Module):
     x = _validation.floating_input(x)
     feature_axes = _validation.canonical_axes(self.axis, x.ndim, "axis")
     feature_shape = tuple(x.shape[a] for a in feature_axes)
-    running = RunningStatistics(self, feature_shape)
+    running = RunningStatistics(self, feature_shape, stats_dtype(x.dtype, self.dtype))
     steps = None
     if self.r_max is None or self.d_max is None:
-      steps = self.variable("batch_stats", "steps", lambda: jnp.zeros((), jnp.int32))
+      # Under convention="torch" the schedule reads torch's own step counter.
+      steps = running.num_batches_tracked
+      if steps is None:
+        steps = self.variable("batch_stats", "steps", lambda: jnp.zeros((), jnp.int32))
     scale, bias = affine_parameters(self, feature_shape, use_scale=self.use_scale, use_bias=self.use_bias)
     dtype = output_dtype(x, scale, bias, dtype=self.dtype)
 
     if use_running_average:
       return running.normalize(x, feature_axes, scale, bias, epsilon=self.epsilon, dtype=dtype)
 
+    reduced = tuple(a for a in range(x.ndim) if a not in feature_axes)
+    count = running.training_count(x.shape, reduced, mask)
     r_max, d_max = self.r_max, self.d_max
     if steps is not None:
       r_sched, d_sched = jaxnorm.batch_renorm_schedule(
@@ -156,7 +173,7 @@ class BatchRenorm(nn.Module):
         dtype=dtype,
     )
     # r and d above were measured against the running statistics before this update.
-    running.update(mean, var)
-    if steps is not None and not self.is_initializing():
+    running.update(mean, var, count)
+    if steps is not None and steps is not running.num_batches_tracked and not self.is_initializing():
       steps.value = steps.value + 1
     return y

@@ -13,7 +13,7 @@ from jax.nn import initializers
 import jaxnorm
 from jaxnorm import _validation
 from jaxnorm.linen._affine import affine_parameters, output_dtype
-from jaxnorm.linen._running_stats import RunningStatistics
+from jaxnorm.linen._running_stats import DEFAULT_MOMENTUM, RunningStatistics, stats_dtype
 
 
 class GhostBatchNorm(nn.Module):
@@ -39,6 +39,14 @@ class GhostBatchNorm(nn.Module):
   the other. `use_fast_variance` and `force_float32_reductions` are accepted
   and ignored, as in `jaxnorm.linen.BatchNorm`.
 
+  `convention` (``"flax"`` or ``"torch"``), `momentum` and
+  `track_running_stats` work as in `BatchNorm`; under ``"torch"`` each
+  virtual batch's variance gets its own unbiased correction
+  :math:`n_g / (n_g - 1)` before the average over virtual batches. The
+  bad-state errors are `BatchNorm`'s, a single value per feature counted per
+  virtual batch (``virtual_batch_size=1`` on an ``(N, C)`` input is refused
+  in training).
+
   A training batch whose size is not a multiple of `virtual_batch_size`
   raises a `ValueError`, except while initializing: flax models are often
   initialized with a dummy batch of any size (e.g. 1), which is then treated
@@ -58,7 +66,7 @@ class GhostBatchNorm(nn.Module):
 
   use_running_average: bool | None = None
   axis: Axes = -1
-  momentum: float = 0.99
+  momentum: float | None = DEFAULT_MOMENTUM
   epsilon: float = 1e-5
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
@@ -71,6 +79,8 @@ class GhostBatchNorm(nn.Module):
   use_fast_variance: bool = True
   force_float32_reductions: bool = True
   virtual_batch_size: int | None = None
+  convention: str = "flax"
+  track_running_stats: bool = True
 
   @nn.compact
   def __call__(
@@ -88,16 +98,17 @@ class GhostBatchNorm(nn.Module):
     Returns:
       The normalized input, shaped like `x`.
     """
-    use_running_average = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
     x = _validation.floating_input(x)
     feature_axes = _validation.canonical_axes(self.axis, x.ndim, "axis")
     feature_shape = tuple(x.shape[a] for a in feature_axes)
-    running = RunningStatistics(self, feature_shape)
+    running = RunningStatistics(self, feature_shape, stats_dtype(x.dtype, self.dtype))
     scale, bias = affine_parameters(self, feature_shape, use_scale=self.use_scale, use_bias=self.use_bias)
     dtype = output_dtype(x, scale, bias, dtype=self.dtype)
 
-    if use_running_average:
-      return running.normalize(x, feature_axes, scale, bias, epsilon=self.epsilon, dtype=dtype)
+    if running.tracking:
+      use_running_average = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
+      if use_running_average:
+        return running.normalize(x, feature_axes, scale, bias, epsilon=self.epsilon, dtype=dtype)
 
     # x has rank >= 1 here: `axis` was checked against it.
     virtual_batch_size = self.virtual_batch_size
@@ -110,6 +121,16 @@ class GhostBatchNorm(nn.Module):
         and x.shape[0] % virtual_batch_size
     ):
       virtual_batch_size = x.shape[0]  # a dummy init batch of any size (see the class docstring)
+    # Counted (and checked) over the grouped view the statistics are taken over,
+    # (virtual batches, examples of one, ...); a malformed call is left to
+    # ghost_batch_norm's own checks below.
+    count = None
+    v = virtual_batch_size
+    if 0 not in feature_axes and isinstance(v, int) and v > 0 and x.shape[0] % v == 0:
+      grouped = (x.shape[0] // v, v, *x.shape[1:])
+      reduced = tuple(a for a in range(1, len(grouped)) if a - 1 not in feature_axes)
+      grouped_mask = None if mask is None else _validation.broadcast_mask(mask, x.shape, "mask").reshape(grouped)
+      count = running.training_count(grouped, reduced, grouped_mask)
     y, mean, var = jaxnorm.ghost_batch_norm(
         x,
         scale,
@@ -123,5 +144,5 @@ class GhostBatchNorm(nn.Module):
         axis_index_groups=self.axis_index_groups,
         dtype=dtype,
     )
-    running.update(mean.mean(0), var.mean(0))
+    running.update(mean, var, count)
     return y
