@@ -9,6 +9,7 @@ m, at a = 1 is s + m), and its gradient against plain autodiff of
 
 from __future__ import annotations
 
+import flax.errors
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -123,7 +124,7 @@ def test_linen_layer_in_a_model():
   assert np.all(np.diag(corr) > 0.95)
   # Evaluation is the identity after batch norm with running statistics, no rng needed.
   np.testing.assert_array_equal(net.apply(variables, x, train=False), net.apply(variables, x, train=False))
-  with pytest.raises(Exception, match="noise"):
+  with pytest.raises(flax.errors.InvalidRngError, match="noise"):
     net.apply(variables, x, train=True, mutable=["batch_stats"])
 
 

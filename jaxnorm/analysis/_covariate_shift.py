@@ -64,7 +64,8 @@ def _prefixes(entry: Any, i: int) -> list[tuple[str, ...]]:
   entries = [entry] if isinstance(entry, str) else list(entry) if isinstance(entry, (tuple, list)) else None
   if not entries or not all(isinstance(e, str) and e for e in entries):
     raise TypeError(
-        f"`layers[{i}]` must be a path string such as 'Dense_0' or 'block_1/Dense_0', or a tuple of them; got {entry!r}."
+        f"`layers[{i}]` must be a path string such as 'Dense_0' or 'block_1/Dense_0', or a tuple of them; "
+        f"got {entry!r}."
     )
   return [tuple(e.strip("/").split("/")) for e in entries]
 
@@ -165,7 +166,9 @@ def internal_covariate_shift(
     raise ValueError(f"`updated_params` must have the tree structure of `params`; got {new_treedef} and {treedef}.")
   for old, new in zip(leaves, new_leaves):
     if jnp.shape(old) != jnp.shape(new):
-      raise ValueError(f"`updated_params` leaves must match `params` in shape; got {jnp.shape(new)} and {jnp.shape(old)}.")
+      raise ValueError(
+          f"`updated_params` leaves must match `params` in shape; got {jnp.shape(new)} and {jnp.shape(old)}."
+      )
   paths = [tuple(_key_name(k) for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
   measured = [
       [n for n, owner in enumerate(owners) if owner == i and (weights is None or weights in paths[n])]
