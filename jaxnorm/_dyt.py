@@ -6,7 +6,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxnorm import _validation
 
@@ -62,9 +61,7 @@ def dyt(
       _validation.parameter(p, param_shape, name, "the shape of x along feature_axes")
       for name, p in (("scale", scale), ("bias", bias))
   ]
-  out_dtype = x.dtype if dtype is None else jnp.dtype(dtype)
-  if not jnp.issubdtype(out_dtype, jnp.floating):
-    raise TypeError(f"`dtype` must be a floating-point dtype, got {out_dtype}.")
+  out_dtype = _validation.output_dtype(dtype, x.dtype)
   # A Python-number alpha is weakly typed and does not widen the computation.
   acc = _validation.accumulation_dtype(x, alpha, *(p for p in params if p is not None))
   y = jnp.tanh(jnp.asarray(alpha, acc) * x.astype(acc))
@@ -72,4 +69,4 @@ def dyt(
     y = y * params[0].reshape(broadcast_shape).astype(acc)
   if params[1] is not None:
     y = y + params[1].reshape(broadcast_shape).astype(acc)
-  return y.astype(np.dtype(out_dtype))
+  return y.astype(out_dtype)

@@ -114,9 +114,7 @@ def spectral_norm(
   if n_steps < 1:
     raise ValueError(f"`n_steps` must be >= 1, got {n_steps}.")
   epsilon = _validation.positive_epsilon(epsilon)
-  out_dtype = w.dtype if dtype is None else jnp.dtype(dtype)
-  if not jnp.issubdtype(out_dtype, jnp.floating):
-    raise TypeError(f"`dtype` must be a floating-point dtype, got {out_dtype}.")
+  out_dtype = _validation.output_dtype(dtype, w.dtype)
 
   acc = _validation.accumulation_dtype(w.dtype, u.dtype)
   k = w.reshape(-1, n).astype(acc)

@@ -215,14 +215,12 @@ def apply(
   for name, p in (("scale", scale), ("bias", bias)):
     p = _validation.parameter(p, param_shape, name, param_explain)
     params.append(None if p is None else p.reshape(broadcast_shape))
-  out_dtype = x.dtype if dtype is None else jnp.dtype(dtype)
-  if not jnp.issubdtype(out_dtype, jnp.floating):
-    raise TypeError(f"`dtype` must be a floating-point dtype, got {out_dtype}.")
+  out_dtype = _validation.output_dtype(dtype, x.dtype)
   spec = Spec(
       axes=axes,
       centered=centered,
       epsilon=_validation.positive_epsilon(epsilon),
-      out_dtype=np.dtype(out_dtype),
+      out_dtype=out_dtype,
       acc_dtype=_validation.accumulation_dtype(x.dtype, out_dtype, *(p.dtype for p in params if p is not None)),
       axis_name=axis_name,
       axis_index_groups=_hashable_groups(axis_index_groups),

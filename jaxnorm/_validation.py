@@ -35,6 +35,14 @@ def accumulation_dtype(*dtypes: Any) -> np.dtype:
   return np.dtype(jnp.promote_types(jnp.result_type(*dtypes), jnp.float32))
 
 
+def output_dtype(dtype: Any, default: Any) -> np.dtype:
+  """The requested output `dtype` (`default` when None); raises `TypeError` unless it is floating point."""
+  out = np.dtype(default if dtype is None else jnp.dtype(dtype))
+  if not jnp.issubdtype(out, jnp.floating):
+    raise TypeError(f"`dtype` must be a floating-point dtype, got {out}.")
+  return out
+
+
 def canonical_axes(axes: Axes, ndim: int, name: str) -> tuple[int, ...]:
   """Sorted non-negative axes; raises on out-of-range, repeated or non-integer axes."""
   seq = (axes,) if not isinstance(axes, Sequence) else tuple(axes)

@@ -105,13 +105,11 @@ def weight_norm(
   features = () if feature_axes is None else _validation.canonical_axes(feature_axes, v.ndim, "feature_axes")
   feature_shape = tuple(v.shape[a] for a in features)
   g = _validation.parameter(g, feature_shape, "g", "the shape of v along feature_axes")
-  out_dtype = v.dtype if dtype is None else jnp.dtype(dtype)
-  if not jnp.issubdtype(out_dtype, jnp.floating):
-    raise TypeError(f"`dtype` must be a floating-point dtype, got {out_dtype}.")
+  out_dtype = _validation.output_dtype(dtype, v.dtype)
   spec = _Spec(
       axes=tuple(a for a in range(v.ndim) if a not in features),
       epsilon=_validation.positive_epsilon(epsilon),
-      out_dtype=np.dtype(out_dtype),
+      out_dtype=out_dtype,
       acc_dtype=_validation.accumulation_dtype(v.dtype, *(() if g is None else (g.dtype,))),
   )
   if g is not None:
