@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jaxnorm import _validation
@@ -97,6 +98,26 @@ def masked_zero(x: jax.Array, mask: jax.Array | None) -> jax.Array:
   return x if mask is None else jnp.where(mask, x, jnp.zeros((), x.dtype))
 
 
+def private_copies(tag: int, x: jax.Array, *small: jax.Array) -> tuple[jax.Array, ...]:
+  """`x` and small arrays (statistics) as values that XLA cannot merge with those of any other `tag`.
+
+  A full-size expression such as ``x - shift``, or merely ``x.astype(float32)``
+  for a bfloat16 `x`, that appears in two places is merged by XLA's
+  common-subexpression elimination into one value with two consumers;
+  XLA:CPU then writes it to memory (a full-size temporary, and writing fresh
+  memory costs far more than reading it). Building each full-size expression
+  from its own copies keeps the expressions apart, so each fuses into its
+  single consumer and recomputes its terms from `x` in registers. The copies
+  pass through one `optimization_barrier` together with `tag`; the small
+  arrays get ``tag - tag`` added, with the first `tag` hidden by the barrier,
+  which keeps the barriers of different tags apart. Values are exact and the
+  derivative is the identity; the barrier costs nothing at run time.
+  """
+  x, *small, hidden = lax.optimization_barrier((x, *small, np.float32(tag)))
+  zero = hidden - np.float32(tag)
+  return (x, *(c + zero.astype(c.dtype) for c in small))
+
+
 def compute(
     x: jax.Array,
     axes: tuple[int, ...],
@@ -105,18 +126,22 @@ def compute(
     centered: bool,
     axis_name: AxisName = None,
     axis_index_groups: Any = None,
+    dtype: Any = None,
 ) -> Moments:
-  """Moments of `x` (already in the accumulation dtype) over `axes`, with keepdims shapes.
+  """Moments of `x` over `axes`, accumulated in `dtype` (default `x.dtype`), with keepdims shapes.
 
   `mask` is None or a boolean array of `x.shape`. Groups with no valid element
   get count 0, mean 0 and variance 0, which keeps everything downstream finite.
+  Each reduction converts `x` to `dtype` itself (see `private_copies`), so
+  that a bfloat16 input is never written out in float32.
   """
+  dtype = x.dtype if dtype is None else dtype
   shape = _validation.keepdims_shape(x.shape, axes)
-  xv = masked_zero(x, mask)
   if mask is None:
-    count = jnp.full(shape, _static_count(x.shape, axes), x.dtype)
+    count = jnp.full(shape, _static_count(x.shape, axes), dtype)
   else:
-    count = jnp.sum(mask, axes, keepdims=True, dtype=x.dtype)
+    count = jnp.sum(mask, axes, keepdims=True, dtype=dtype)
+  xv = masked_zero(x.astype(dtype), mask)
   if not centered:
     total = jnp.sum(jnp.square(xv), axes, keepdims=True)
     count, total = sum_across([count, total], axis_name, axis_index_groups)
@@ -127,17 +152,19 @@ def compute(
   inv_count = 1 / jnp.maximum(count, 1)
   # A first estimate of the mean carries the rounding of a large float32 sum
   # (about 3e-3 for 64 values near 1e4). Deviations from that estimate are
-  # small and summed almost exactly, so one more fused pass yields both the
+  # small and summed almost exactly, so two more reductions over x yield the
   # correction of the mean and the variance about it:
   #   mean = shift + E[d],  var = E[d^2] - E[d]^2,  d = x - shift,
   # which cannot cancel because E[d] is tiny next to the spread.
   shift = total * inv_count
-  d = masked_zero(x - shift, mask)
-  d_sum, d2_sum = sum_across(
-      [jnp.sum(d, axes, keepdims=True), jnp.sum(jnp.square(d), axes, keepdims=True)],
-      axis_name,
-      axis_index_groups,
-  )
+
+  def deviations(tag):
+    xk, shift_k = private_copies(tag, x, shift)
+    return masked_zero(xk.astype(dtype) - shift_k, mask)
+
+  d_sum = jnp.sum(deviations(0), axes, keepdims=True)
+  d2_sum = jnp.sum(jnp.square(deviations(1)), axes, keepdims=True)
+  d_sum, d2_sum = sum_across([d_sum, d2_sum], axis_name, axis_index_groups)
   offset = d_sum * inv_count
   var = jnp.maximum(d2_sum * inv_count - jnp.square(offset), 0)
   return Moments(count, shift, offset, var)

@@ -106,19 +106,17 @@ def _readable(x: jax.Array, mask: jax.Array | None) -> jax.Array | None:
 
 
 def _forward(x, scale, bias, mask, spec: Spec):
-  xa = x.astype(spec.acc_dtype)
   stats = _moments.compute(
-      xa,
+      x,
       spec.axes,
       mask,
       centered=spec.centered,
       axis_name=spec.axis_name,
       axis_index_groups=spec.axis_index_groups,
+      dtype=spec.acc_dtype,
   )
   rstd = lax.rsqrt(stats.var + spec.epsilon)
-  xs = _moments.masked_zero(xa, _readable(xa, mask))
-  xhat = _centered(xs, stats.shift, stats.offset) * rstd
-  y = xhat
+  y = _normalized(2, x, mask, stats.shift, stats.offset, rstd, spec.acc_dtype)
   if scale is not None:
     y = y * scale.astype(spec.acc_dtype)
   if bias is not None:
@@ -131,9 +129,18 @@ def _standardize_vjp(x, scale, bias, mask, spec):
   return _forward(x, scale, bias, mask, spec)[0]
 
 
-def _centered(x, shift, offset):
+def _normalized(tag: int, x, mask, shift, offset, rstd, acc):
+  """x-hat in the accumulation dtype, from private copies of `x` and the statistics.
+
+  Every full-size use of x-hat calls this with its own `tag` (see
+  `_moments.private_copies`), so that XLA recomputes x-hat from `x` inside
+  each consumer instead of writing it out. A masked-out value that is NaN or
+  inf is read as 0.
+  """
+  x, shift, offset, rstd = _moments.private_copies(tag, x, shift, offset, rstd)
+  xa = x.astype(acc)
   # Two subtractions, not one: x - shift is exact for x near the mean.
-  return (x - shift) - offset
+  return ((_moments.masked_zero(xa, _readable(xa, mask)) - shift) - offset) * rstd
 
 
 def _fwd(x, scale, bias, mask, spec):
@@ -144,28 +151,55 @@ def _fwd(x, scale, bias, mask, spec):
 def _bwd(spec: Spec, residuals, g):
   x, scale, bias, mask, count, shift, offset, rstd = residuals
   acc = spec.acc_dtype
-  xa = x.astype(acc)
-  readable = _readable(xa, mask)
-  xc = _centered(_moments.masked_zero(xa, readable), shift, offset)
-  xhat = xc * rstd
-  g = g.astype(acc)
-  h = g if scale is None else g * scale.astype(acc)
+  gamma = None if scale is None else scale.astype(acc)
 
-  sums = [jnp.sum(h * xhat, spec.axes, keepdims=True)]
-  if spec.centered:
-    sums.append(jnp.sum(h, spec.axes, keepdims=True))
+  # Each full-size term is rebuilt from (x, g) by the consumer that needs it,
+  # under its own tag (see `_moments.private_copies`): the program writes
+  # nothing full-size but dx, and converts bfloat16 inputs in registers.
+  def xhat(tag):
+    return _normalized(tag, x, mask, shift, offset, rstd, acc)
+
+  def cotangent(tag):
+    return _moments.private_copies(tag, g)[0].astype(acc)
+
+  def h(tag):
+    gk = cotangent(tag)
+    return gk if gamma is None else gk * _moments.private_copies(tag, gamma)[0]
+
+  if _constant_over(spec.axes, scale, bias):
+    # Batch norm: the parameters are constant over each reduction group, so
+    # the sums the dx formula needs are gamma times the parameter gradients
+    # of this device: two reductions over (x, g) serve both.
+    g_xhat = jnp.sum(cotangent(3) * xhat(3), spec.axes, keepdims=True)
+    g_sum = jnp.sum(cotangent(4), spec.axes, keepdims=True) if spec.centered or bias is not None else None
+    d_scale = None if scale is None else _reduce_to(g_xhat, scale.shape)
+    d_bias = None if bias is None else _reduce_to(g_sum, bias.shape)
+    sums = [g_xhat if gamma is None else g_xhat * gamma]
+    if spec.centered:
+      sums.append(g_sum if gamma is None else g_sum * gamma)
+  else:
+    sums = [jnp.sum(h(4) * xhat(4), spec.axes, keepdims=True)]
+    if spec.centered:
+      sums.append(jnp.sum(h(5), spec.axes, keepdims=True))
+    d_scale = None if scale is None else _reduce_to(cotangent(3) * xhat(3), scale.shape)
+    d_bias = None if bias is None else _reduce_to(cotangent(7), bias.shape)
   sums = _moments.sum_across(sums, spec.axis_name, spec.axis_index_groups)
   inv_n = 1 / jnp.maximum(count, 1)
-  correction = xhat * (sums[0] * inv_n)
+  correction = xhat(6) * (sums[0] * inv_n)
   if spec.centered:
     correction = correction + sums[1] * inv_n
   # Only valid positions move the statistics, so only they get the correction.
-  dx = rstd * (h - _moments.masked_zero(correction, mask))
-  dx = _moments.masked_zero(dx, readable)
-
-  d_scale = None if scale is None else _reduce_to(g * xhat, scale.shape).astype(scale.dtype)
-  d_bias = None if bias is None else _reduce_to(g, bias.shape).astype(bias.dtype)
+  dx = rstd * (h(6) - _moments.masked_zero(correction, mask))
+  x6 = _moments.private_copies(6, x)[0]
+  dx = _moments.masked_zero(dx, _readable(x6, mask))
+  d_scale = None if d_scale is None else d_scale.astype(scale.dtype)
+  d_bias = None if d_bias is None else d_bias.astype(bias.dtype)
   return dx.astype(x.dtype), d_scale, d_bias, None
+
+
+def _constant_over(axes: tuple[int, ...], *params: jax.Array | None) -> bool:
+  """Whether every given parameter has size 1 along all of `axes` (is constant over each group)."""
+  return all(p is None or all(p.shape[a] == 1 for a in axes) for p in params)
 
 
 def _reduce_to(a: jax.Array, shape: tuple[int, ...]) -> jax.Array:
@@ -230,12 +264,13 @@ def apply(
   if not with_statistics:
     return y
   stats = _moments.compute(
-      x.astype(spec.acc_dtype),
+      x,
       axes,
       mask,
       centered=centered,
       axis_name=axis_name,
       axis_index_groups=spec.axis_index_groups,
+      dtype=spec.acc_dtype,
   )
   return y, jnp.squeeze(stats.mean, axes), jnp.squeeze(stats.var, axes)
 
