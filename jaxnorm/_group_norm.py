@@ -1,12 +1,13 @@
 """Group and instance normalization: per-example statistics over the spatial axes (and channel groups).
 
 Both are instances of the one kernel in `jaxnorm._standardize`. Instance norm
-reduces the spatial axes of a channels-last input directly. Group norm views
-``(N, ..., C)`` as ``(N, ..., G, C // G)`` (a free reshape: channel ``c``
-belongs to group ``c // (C // G)``, the contiguous grouping of the paper,
-PyTorch and flax) and reduces the spatial axes and the last one; the
-per-channel parameters are viewed as ``(G, C // G)`` the same way, so the
-kernel's VJP returns their gradients already in that layout.
+reduces the spatial axes of a channels-last input. Group norm reduces the
+spatial axes and, within each group, its C // G consecutive channels (channel
+``c`` belongs to group ``c // (C // G)``, the contiguous grouping of the
+paper, PyTorch and flax); the kernel does this on the ``(N, ..., C)`` layout
+itself, with group statistics repeated over their channels
+(`_moments.group_sum`), which XLA:CPU runs about twice as fast as a
+``(N, ..., G, C // G)`` view.
 """
 
 from __future__ import annotations
@@ -68,33 +69,24 @@ def standardize_groups(
   `jaxnorm.linen.GroupNorm`, which differ only in which axes they reduce.
   """
   x = _validation.floating_input(x)
-  channels = x.shape[-1]
-  groups = check_num_groups(num_groups, channels)
-  grouped_shape = x.shape[:-1] + (groups, channels // groups)
-  params = []
-  for name, p in (("scale", scale), ("bias", bias)):
-    # Checked as (C,) here, so that the message speaks of the caller's shape, not the grouped view.
-    p = _validation.parameter(p, (channels,), name, _PER_CHANNEL)
-    params.append(None if p is None else p.reshape(grouped_shape[-2:]))
-  mask = _validation.broadcast_mask(where, x.shape)
-  rank = len(grouped_shape)
-  y = _standardize.apply(
-      x.reshape(grouped_shape),
-      params[0],
-      params[1],
-      axes=tuple(spatial_axes) + (rank - 1,),
+  groups = check_num_groups(num_groups, x.shape[-1])
+  return _standardize.apply(
+      x,
+      scale,
+      bias,
+      axes=tuple(spatial_axes),
       axes_name="reduction_axes",
-      param_axes=(rank - 2, rank - 1),
+      param_axes=(x.ndim - 1,),
       param_explain=_PER_CHANNEL,
       centered=True,
       epsilon=epsilon,
-      where=None if mask is None else mask.reshape(grouped_shape),
+      where=where,
       axis_name=axis_name,
       axis_index_groups=axis_index_groups,
       dtype=dtype,
       custom_vjp=custom_vjp,
+      channel_groups=groups,
   )
-  return y.reshape(x.shape)
 
 
 def group_norm(

@@ -110,12 +110,31 @@ def private_copies(tag: int, x: jax.Array, *small: jax.Array) -> tuple[jax.Array
   single consumer and recomputes its terms from `x` in registers. The copies
   pass through one `optimization_barrier` together with `tag`; the small
   arrays get ``tag - tag`` added, with the first `tag` hidden by the barrier,
-  which keeps the barriers of different tags apart. Values are exact and the
-  derivative is the identity; the barrier costs nothing at run time.
+  which keeps the barriers of different tags apart. Values are exact and the derivative is
+  the identity; the barrier costs nothing at run time.
   """
   x, *small, hidden = lax.optimization_barrier((x, *small, np.float32(tag)))
   zero = hidden - np.float32(tag)
   return (x, *(c + zero.astype(c.dtype) for c in small))
+
+
+def group_sum(a: jax.Array, axes: tuple[int, ...], channel_groups: int | None = None) -> jax.Array:
+  """Sums `a` over `axes` and, with `channel_groups` G, over each run of C // G consecutive channels.
+
+  The result keeps the shape of `a` with `axes` set to 1; a channel-group sum
+  is repeated over the channels of its group, so that it broadcasts against
+  `a` in its own channels-last layout. Group norm is computed this way, not on
+  a ``(..., G, C // G)`` view: XLA:CPU's fused reductions and the
+  broadcasts of statistics inside them run about twice as fast when the
+  contiguous axis is the full channel axis.
+  """
+  out = jnp.sum(a, axes, keepdims=True) if axes else a
+  if channel_groups is None:
+    return out
+  c = out.shape[-1]
+  grouped = out.reshape(*out.shape[:-1], channel_groups, c // channel_groups)
+  summed = jnp.sum(grouped, -1, keepdims=True)
+  return jnp.broadcast_to(summed, grouped.shape).reshape(out.shape)
 
 
 def compute(
@@ -127,27 +146,34 @@ def compute(
     axis_name: AxisName = None,
     axis_index_groups: Any = None,
     dtype: Any = None,
+    channel_groups: int | None = None,
 ) -> Moments:
-  """Moments of `x` over `axes`, accumulated in `dtype` (default `x.dtype`), with keepdims shapes.
+  """Moments of `x` over `axes` (and channel groups, see `group_sum`), accumulated in `dtype`.
 
-  `mask` is None or a boolean array of `x.shape`. Groups with no valid element
-  get count 0, mean 0 and variance 0, which keeps everything downstream finite.
-  Each reduction converts `x` to `dtype` itself (see `private_copies`), so
-  that a bfloat16 input is never written out in float32.
+  `dtype` defaults to `x.dtype`. The statistics have keepdims shapes (with
+  `channel_groups`, repeated over the channels of each group). `mask` is None
+  or a boolean array of `x.shape`. Groups with no valid element get count 0,
+  mean 0 and variance 0, which keeps everything downstream finite. Each
+  reduction converts `x` to `dtype` itself (see `private_copies`), so that a
+  bfloat16 input is never written out in float32.
   """
   dtype = x.dtype if dtype is None else dtype
-  shape = _validation.keepdims_shape(x.shape, axes)
+
+  def total_of(a):
+    return group_sum(a, axes, channel_groups)
+
   if mask is None:
-    count = jnp.full(shape, _static_count(x.shape, axes), dtype)
+    n = _static_count(x.shape, axes) * (1 if channel_groups is None else x.shape[-1] // channel_groups)
+    count = jnp.full(_validation.keepdims_shape(x.shape, axes), n, dtype)
   else:
-    count = jnp.sum(mask, axes, keepdims=True, dtype=dtype)
+    count = total_of(mask.astype(dtype))
   xv = masked_zero(x.astype(dtype), mask)
   if not centered:
-    total = jnp.sum(jnp.square(xv), axes, keepdims=True)
+    total = total_of(jnp.square(xv))
     count, total = sum_across([count, total], axis_name, axis_index_groups)
     zero = jnp.zeros_like(total)
     return Moments(count, zero, zero, total / jnp.maximum(count, 1))
-  total = jnp.sum(xv, axes, keepdims=True)
+  total = total_of(xv)
   count, total = sum_across([count, total], axis_name, axis_index_groups)
   inv_count = 1 / jnp.maximum(count, 1)
   # A first estimate of the mean carries the rounding of a large float32 sum
@@ -162,8 +188,8 @@ def compute(
     xk, shift_k = private_copies(tag, x, shift)
     return masked_zero(xk.astype(dtype) - shift_k, mask)
 
-  d_sum = jnp.sum(deviations(0), axes, keepdims=True)
-  d2_sum = jnp.sum(jnp.square(deviations(1)), axes, keepdims=True)
+  d_sum = total_of(deviations(0))
+  d2_sum = total_of(jnp.square(deviations(1)))
   d_sum, d2_sum = sum_across([d_sum, d2_sum], axis_name, axis_index_groups)
   offset = d_sum * inv_count
   var = jnp.maximum(d2_sum * inv_count - jnp.square(offset), 0)

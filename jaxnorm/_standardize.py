@@ -1,4 +1,4 @@
-r"""The one normalization kernel behind batch, layer and RMS norm, with its hand-derived VJP.
+r"""The one normalization kernel behind batch, layer, RMS, group and instance norm, with its hand-derived VJP.
 
 Forward, over a reduction set :math:`R` of :math:`N` valid positions (the
 positions `mask` selects, on every device of `axis_name`):
@@ -42,6 +42,22 @@ and per-group statistics; :math:`\hat x` is recomputed in the backward, which
 costs one fused elementwise pass and saves a full-size residual. The backward
 is written in `jax.numpy`, so it is differentiable again: grad-of-grad and
 `jax.jacrev(jax.jacrev(f))` work.
+
+How it is laid out for XLA. Reading memory is cheap next to writing it, so
+the compiled programs write nothing full-size but their output (`y`, or `dx`
+with the parameter gradients); `tests/test_fused_programs.py` checks it on
+the optimized HLO. Every full-size term (:math:`x - \text{shift}`,
+:math:`\hat x`, :math:`h`, the float32 view of a bfloat16 input) is built
+by the one fusion that consumes it, from private copies of the statistics
+that XLA cannot merge (`_moments.private_copies`). Where the parameters are
+constant along some reduced axes (all of them for batch and instance norm,
+the spatial ones for group norm), the backward first sums over those axes,
+where :math:`\langle g \hat x\rangle = r(\langle g\,(x - \text{shift})\rangle
+- \text{offset}\,\langle g\rangle)`: two reductions with one broadcast
+each give both the parameter gradients and, after small sums over the
+remaining axes, :math:`\langle h\rangle` and :math:`\langle h\hat x\rangle`.
+Group norm stays in the channels-last layout, its group statistics repeated
+over their channels (`_moments.group_sum`).
 """
 
 from __future__ import annotations
@@ -69,6 +85,9 @@ class Spec:
   acc_dtype: np.dtype
   axis_name: Any = None
   axis_index_groups: Any = None
+  # With G here, each reduction group also spans C // G consecutive channels
+  # of the last axis (group norm); see `_moments.group_sum`.
+  channel_groups: int | None = None
 
 
 def standardize(
@@ -114,6 +133,7 @@ def _forward(x, scale, bias, mask, spec: Spec):
       axis_name=spec.axis_name,
       axis_index_groups=spec.axis_index_groups,
       dtype=spec.acc_dtype,
+      channel_groups=spec.channel_groups,
   )
   rstd = lax.rsqrt(stats.var + spec.epsilon)
   y = _normalized(2, x, mask, stats.shift, stats.offset, rstd, spec.acc_dtype)
@@ -166,21 +186,35 @@ def _bwd(spec: Spec, residuals, g):
     gk = cotangent(tag)
     return gk if gamma is None else gk * _moments.private_copies(tag, gamma)[0]
 
-  if _constant_over(spec.axes, scale, bias):
-    # Batch norm: the parameters are constant over each reduction group, so
-    # the sums the dx formula needs are gamma times the parameter gradients
-    # of this device: two reductions over (x, g) serve both.
-    g_xhat = jnp.sum(cotangent(3) * xhat(3), spec.axes, keepdims=True)
-    g_sum = jnp.sum(cotangent(4), spec.axes, keepdims=True) if spec.centered or bias is not None else None
+  def finish(a):
+    # The rest of a group sum, on arrays already summed over `outer` (small).
+    return _moments.group_sum(a, inner, spec.channel_groups)
+
+  # `outer`: the reduced axes along which the parameters are constant (all of
+  # them for batch and instance norm, the spatial ones for group norm, none
+  # for layer norm); `inner`: the other reduced axes.
+  outer = tuple(a for a in spec.axes if _constant_over((a,), scale, bias))
+  inner = tuple(a for a in spec.axes if a not in outer)
+  if outer:
+    # Sum over `outer` first, where x-hat = ((x - shift) - offset) rstd has
+    # constant offset and rstd: sum(g x-hat) = rstd (sum(g (x - shift)) -
+    # offset sum(g)). Two reductions over (x, g), each with one broadcast,
+    # give the parameter gradients of this device and, after the small
+    # `inner` sums, the sums of the dx formula. Exact up to rounding: x -
+    # shift is computed exactly and offset is tiny next to the spread.
+    xk, shift_k = _moments.private_copies(3, x, shift)
+    xr = _moments.masked_zero(xk.astype(acc), _readable(xk.astype(acc), mask))
+    g_sum = jnp.sum(cotangent(4), outer, keepdims=True)
+    g_xhat = rstd * (jnp.sum(cotangent(3) * (xr - shift_k), outer, keepdims=True) - offset * g_sum)
     d_scale = None if scale is None else _reduce_to(g_xhat, scale.shape)
     d_bias = None if bias is None else _reduce_to(g_sum, bias.shape)
-    sums = [g_xhat if gamma is None else g_xhat * gamma]
+    sums = [finish(g_xhat if gamma is None else g_xhat * gamma)]
     if spec.centered:
-      sums.append(g_sum if gamma is None else g_sum * gamma)
+      sums.append(finish(g_sum if gamma is None else g_sum * gamma))
   else:
-    sums = [jnp.sum(h(4) * xhat(4), spec.axes, keepdims=True)]
+    sums = [finish(h(4) * xhat(4))]
     if spec.centered:
-      sums.append(jnp.sum(h(5), spec.axes, keepdims=True))
+      sums.append(finish(h(5)))
     d_scale = None if scale is None else _reduce_to(cotangent(3) * xhat(3), scale.shape)
     d_bias = None if bias is None else _reduce_to(cotangent(7), bias.shape)
   sums = _moments.sum_across(sums, spec.axis_name, spec.axis_index_groups)
@@ -198,7 +232,7 @@ def _bwd(spec: Spec, residuals, g):
 
 
 def _constant_over(axes: tuple[int, ...], *params: jax.Array | None) -> bool:
-  """Whether every given parameter has size 1 along all of `axes` (is constant over each group)."""
+  """Whether every given parameter has size 1 along all of `axes` (is constant over them)."""
   return all(p is None or all(p.shape[a] == 1 for a in axes) for p in params)
 
 
@@ -228,10 +262,13 @@ def apply(
     dtype: Any = None,
     custom_vjp: bool = True,
     with_statistics: bool = False,
+    channel_groups: int | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
   """Validates public arguments and runs `standardize`.
 
-  `axes` are the reduction axes (checked under the name `axes_name`);
+  `axes` are the reduction axes (checked under the name `axes_name`); with
+  `channel_groups` G (already checked to divide C) each group also spans C // G
+  consecutive channels of the last axis;
   `param_axes` are the axes `scale`/`bias` span, whose shape they must have.
   Returns `y`, or with `with_statistics` `(y, mean, var)`, the statistics
   squeezed to the non-reduced axes. The statistics are computed by plain
@@ -258,6 +295,7 @@ def apply(
       acc_dtype=_validation.accumulation_dtype(x.dtype, out_dtype, *(p.dtype for p in params if p is not None)),
       axis_name=axis_name,
       axis_index_groups=_hashable_groups(axis_index_groups),
+      channel_groups=channel_groups,
   )
   mask = _validation.broadcast_mask(where, x.shape)
   y = standardize(x, params[0], params[1], mask, spec, custom_vjp=custom_vjp)
