@@ -212,9 +212,15 @@ def _bwd(spec: Spec, residuals, g):
     if spec.centered:
       sums.append(finish(g_sum if gamma is None else g_sum * gamma))
   else:
-    sums = [finish(h(4) * xhat(4))]
+    # rstd and offset are constant over each group, so they leave the sums:
+    # sum(h x-hat) = rstd (sum(h (x - shift)) - offset sum(h)).
+    xk, shift_k = _moments.private_copies(4, x, shift)
+    xr = _moments.masked_zero(xk.astype(acc), _readable(xk.astype(acc), mask))
+    h_sum = finish(h(5)) if spec.centered else None
+    h_dev = finish(h(4) * (xr - shift_k))
+    sums = [rstd * h_dev if h_sum is None else rstd * (h_dev - offset * h_sum)]
     if spec.centered:
-      sums.append(finish(h(5)))
+      sums.append(h_sum)
     d_scale = None if scale is None else _reduce_to(cotangent(3) * xhat(3), scale.shape)
     d_bias = None if bias is None else _reduce_to(cotangent(7), bias.shape)
   sums = _moments.sum_across(sums, spec.axis_name, spec.axis_index_groups)
