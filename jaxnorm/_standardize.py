@@ -149,18 +149,24 @@ def _standardize_vjp(x, scale, bias, mask, spec):
   return _forward(x, scale, bias, mask, spec)[0]
 
 
-def _normalized(tag: int, x, mask, shift, offset, rstd, acc):
-  """x-hat in the accumulation dtype, from private copies of `x` and the statistics.
+def _deviation(tag: int, x, mask, shift, acc, *small):
+  """``x - shift`` in the accumulation dtype, from private copies of `x`, `shift` and `small`.
 
-  Every full-size use of x-hat calls this with its own `tag` (see
-  `_moments.private_copies`), so that XLA recomputes x-hat from `x` inside
-  each consumer instead of writing it out. A masked-out value that is NaN or
-  inf is read as 0.
+  Every full-size use calls this with its own `tag` (see
+  `_moments.private_copies`), so that XLA recomputes it from `x` inside each
+  consumer instead of writing it out. A masked-out value that is NaN or inf
+  is read as 0. Returns the deviation and the copies of `small`.
   """
-  x, shift, offset, rstd = _moments.private_copies(tag, x, shift, offset, rstd)
+  x, shift, *small = _moments.private_copies(tag, x, shift, *small)
   xa = x.astype(acc)
+  return _moments.masked_zero(xa, _readable(xa, mask)) - shift, small
+
+
+def _normalized(tag: int, x, mask, shift, offset, rstd, acc):
+  """x-hat in the accumulation dtype (see `_deviation`)."""
+  d, (offset, rstd) = _deviation(tag, x, mask, shift, acc, offset, rstd)
   # Two subtractions, not one: x - shift is exact for x near the mean.
-  return ((_moments.masked_zero(xa, _readable(xa, mask)) - shift) - offset) * rstd
+  return (d - offset) * rstd
 
 
 def _fwd(x, scale, bias, mask, spec):
@@ -200,12 +206,11 @@ def _bwd(spec: Spec, residuals, g):
     # constant offset and rstd: sum(g x-hat) = rstd (sum(g (x - shift)) -
     # offset sum(g)). Two reductions over (x, g), each with one broadcast,
     # give the parameter gradients of this device and, after the small
-    # `inner` sums, the sums of the dx formula. Exact up to rounding: x -
-    # shift is computed exactly and offset is tiny next to the spread.
-    xk, shift_k = _moments.private_copies(3, x, shift)
-    xr = _moments.masked_zero(xk.astype(acc), _readable(xk.astype(acc), mask))
+    # `inner` sums, the sums of the dx formula. No cancellation: offset is
+    # tiny next to the spread.
     g_sum = jnp.sum(cotangent(4), outer, keepdims=True)
-    g_xhat = rstd * (jnp.sum(cotangent(3) * (xr - shift_k), outer, keepdims=True) - offset * g_sum)
+    g_dev = jnp.sum(cotangent(3) * _deviation(3, x, mask, shift, acc)[0], outer, keepdims=True)
+    g_xhat = rstd * (g_dev - offset * g_sum)
     d_scale = None if scale is None else _reduce_to(g_xhat, scale.shape)
     d_bias = None if bias is None else _reduce_to(g_sum, bias.shape)
     sums = [finish(g_xhat if gamma is None else g_xhat * gamma)]
@@ -214,10 +219,8 @@ def _bwd(spec: Spec, residuals, g):
   else:
     # rstd and offset are constant over each group, so they leave the sums:
     # sum(h x-hat) = rstd (sum(h (x - shift)) - offset sum(h)).
-    xk, shift_k = _moments.private_copies(4, x, shift)
-    xr = _moments.masked_zero(xk.astype(acc), _readable(xk.astype(acc), mask))
     h_sum = finish(h(5)) if spec.centered else None
-    h_dev = finish(h(4) * (xr - shift_k))
+    h_dev = finish(h(4) * _deviation(4, x, mask, shift, acc)[0])
     sums = [rstd * h_dev if h_sum is None else rstd * (h_dev - offset * h_sum)]
     if spec.centered:
       sums.append(h_sum)
