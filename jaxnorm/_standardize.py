@@ -307,19 +307,28 @@ def apply(
       channel_groups=channel_groups,
   )
   mask = _validation.broadcast_mask(where, x.shape)
-  y = standardize(x, params[0], params[1], mask, spec, custom_vjp=custom_vjp)
+  return _run(x, params[0], params[1], mask, spec=spec, custom_vjp=custom_vjp, with_statistics=with_statistics)
+
+
+# One compiled program per shape and Spec: called eagerly, the op runs as one
+# executable instead of dispatching its few dozen primitives one by one; under
+# an enclosing jit it is inlined.
+@functools.partial(jax.jit, static_argnames=("spec", "custom_vjp", "with_statistics"))
+def _run(x, scale, bias, mask, *, spec: Spec, custom_vjp: bool, with_statistics: bool):
+  y = standardize(x, scale, bias, mask, spec, custom_vjp=custom_vjp)
   if not with_statistics:
     return y
   stats = _moments.compute(
       x,
-      axes,
+      spec.axes,
       mask,
-      centered=centered,
-      axis_name=axis_name,
+      centered=spec.centered,
+      axis_name=spec.axis_name,
       axis_index_groups=spec.axis_index_groups,
       dtype=spec.acc_dtype,
+      channel_groups=spec.channel_groups,
   )
-  return y, jnp.squeeze(stats.mean, axes), jnp.squeeze(stats.var, axes)
+  return y, jnp.squeeze(stats.mean, spec.axes), jnp.squeeze(stats.var, spec.axes)
 
 
 def _hashable_groups(groups: Any) -> Any:
