@@ -110,8 +110,9 @@ def private_copies(tag: int, x: jax.Array, *small: jax.Array) -> tuple[jax.Array
   single consumer and recomputes its terms from `x` in registers. The copies
   pass through one `optimization_barrier` together with `tag`; the small
   arrays get ``tag - tag`` added, with the first `tag` hidden by the barrier,
-  which keeps the barriers of different tags apart. Values are exact and the derivative is
-  the identity; the barrier costs nothing at run time.
+  which keeps the barriers of different tags apart (a tag left unused would
+  be dropped, and the barriers merged). Values are exact and the derivative
+  is the identity; the barrier costs nothing at run time.
   """
   x, *small, hidden = lax.optimization_barrier((x, *small, np.float32(tag)))
   zero = hidden - np.float32(tag)
