@@ -16,10 +16,9 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
-from jaxnorm import _validation
+from jaxnorm import _platform, _validation
 
 AxisName = Any  # a hashable name, or a tuple of names, of a mapped axis
 
@@ -98,27 +97,6 @@ def masked_zero(x: jax.Array, mask: jax.Array | None) -> jax.Array:
   return x if mask is None else jnp.where(mask, x, jnp.zeros((), x.dtype))
 
 
-def private_copies(tag: int, x: jax.Array, *small: jax.Array) -> tuple[jax.Array, ...]:
-  """`x` and small arrays (statistics) as values that XLA cannot merge with those of any other `tag`.
-
-  A full-size expression such as ``x - shift``, or merely ``x.astype(float32)``
-  for a bfloat16 `x`, that appears in two places is merged by XLA's
-  common-subexpression elimination into one value with two consumers;
-  XLA:CPU then writes it to memory (a full-size temporary, and writing fresh
-  memory costs far more than reading it). Building each full-size expression
-  from its own copies keeps the expressions apart, so each fuses into its
-  single consumer and recomputes its terms from `x` in registers. The copies
-  pass through one `optimization_barrier` together with `tag`; the small
-  arrays get ``tag - tag`` added, with the first `tag` hidden by the barrier,
-  which keeps the barriers of different tags apart (a tag left unused would
-  be dropped, and the barriers merged). Values are exact and the derivative
-  is the identity; the barrier costs nothing at run time.
-  """
-  x, *small, hidden = lax.optimization_barrier((x, *small, np.float32(tag)))
-  zero = hidden - np.float32(tag)
-  return (x, *(c + zero.astype(c.dtype) for c in small))
-
-
 def group_sum(a: jax.Array, axes: tuple[int, ...], channel_groups: int | None = None) -> jax.Array:
   """Sums `a` over `axes` and, with `channel_groups` G, over each run of C // G consecutive channels.
 
@@ -148,6 +126,7 @@ def compute(
     axis_index_groups: Any = None,
     dtype: Any = None,
     channel_groups: int | None = None,
+    forward_only: bool = False,
 ) -> Moments:
   """Moments of `x` over `axes` (and channel groups, see `group_sum`), accumulated in `dtype`.
 
@@ -155,8 +134,19 @@ def compute(
   `channel_groups`, repeated over the channels of each group). `mask` is None
   or a boolean array of `x.shape`. Groups with no valid element get count 0,
   mean 0 and variance 0, which keeps everything downstream finite. Each
-  reduction converts `x` to `dtype` itself (see `private_copies`), so that a
+  reduction converts `x` to `dtype` itself (see `_platform.private_copies`), so that a
   bfloat16 input is never written out in float32.
+
+  Which formula runs depends on the backend the program is compiled for
+  (`_platform.by_platform`): XLA:CPU gets `_two_pass`, with private copies;
+  XLA:GPU and XLA:TPU get `_one_pass`, since they fuse sibling reductions over
+  `x` into one pass (XLA:CPU runs them apart). One exception, `forward_only`
+  (the statistics feed nothing but one elementwise pass over `x`, with no
+  backward): a centered reduction over the last axis alone is then left to
+  `_two_pass` on CUDA as well, whose chain of row reductions XLA:GPU fuses on
+  Hopper into one Triton kernel that reads `x` once (`_one_pass`'s gather of
+  the shift stops that fusion). Masked statistics and those merged across
+  devices always use `_two_pass`.
   """
   dtype = x.dtype if dtype is None else dtype
 
@@ -174,7 +164,21 @@ def compute(
     count, total = sum_across([count, total], axis_name, axis_index_groups)
     zero = jnp.zeros_like(total)
     return Moments(count, zero, zero, total / jnp.maximum(count, 1))
-  total = total_of(xv)
+  if mask is None and axis_name is None:
+    def two_pass(x):
+      return _two_pass(x, count, axes, None, None, None, dtype, channel_groups)
+
+    def one_pass(x):
+      return _one_pass(x, count, axes, dtype, channel_groups)
+
+    rows = forward_only and axes == (x.ndim - 1,) and channel_groups is None
+    return _platform.by_platform(x, cpu=two_pass, cuda=two_pass if rows else one_pass, default=one_pass)
+  return _two_pass(x, count, axes, mask, axis_name, axis_index_groups, dtype, channel_groups)
+
+
+def _two_pass(x, count, axes, mask, axis_name, axis_index_groups, dtype, channel_groups) -> Moments:
+  """Centered moments from a first mean estimate and the deviations about it (three reductions over `x`)."""
+  total = group_sum(masked_zero(x.astype(dtype), mask), axes, channel_groups)
   count, total = sum_across([count, total], axis_name, axis_index_groups)
   inv_count = 1 / jnp.maximum(count, 1)
   # A first estimate of the mean carries the rounding of a large float32 sum
@@ -186,14 +190,49 @@ def compute(
   shift = total * inv_count
 
   def deviations(tag):
-    xk, shift_k = private_copies(tag, x, shift)
+    xk, shift_k = _platform.private_copies(tag, x, shift)
     return masked_zero(xk.astype(dtype) - shift_k, mask)
 
-  d_sum = total_of(deviations(0))
-  d2_sum = total_of(jnp.square(deviations(1)))
+  d_sum = group_sum(deviations(0), axes, channel_groups)
+  d2_sum = group_sum(jnp.square(deviations(1)), axes, channel_groups)
   d_sum, d2_sum = sum_across([d_sum, d2_sum], axis_name, axis_index_groups)
   offset = d_sum * inv_count
   var = jnp.maximum(d2_sum * inv_count - jnp.square(offset), 0)
+  return Moments(count, shift, offset, var)
+
+
+def _one_pass(x, count, axes, dtype, channel_groups) -> Moments:
+  r"""Centered moments in one pass over `x`: sums of deviations from one value of each group.
+
+  With :math:`K` the first element of a group of :math:`n` and
+  :math:`d = x - K`, both sums :math:`\sum d` and :math:`\sum d^2` read `x`
+  once, as one fused pass, and
+
+  .. math::
+      \mu = K + \bar d, \qquad \sigma^2 = \overline{d^2} - \bar d^{\,2}.
+
+  The subtraction cancels only by :math:`\overline{d^2} / \sigma^2 = 1 +
+  (\mu - K)^2 / \sigma^2`, and since :math:`K` is a member of the group,
+  :math:`(\mu - K)^2 \le (n - 1)\,\sigma^2`. So the variance carries a
+  relative error of at most about :math:`n\,\varepsilon` beyond the
+  summation's own, whatever :math:`|\mu| / \sigma` is (unlike
+  :math:`E[x^2] - E[x]^2`, whose error grows as :math:`\varepsilon\,\mu^2
+  / \sigma^2`): :math:`n\,\varepsilon` is reached only when :math:`K` is the
+  one outlier of its group, and for typical data :math:`(\mu - K)^2 /
+  \sigma^2` is of order 1, so the error stays a few :math:`\varepsilon`
+  (:math:`\varepsilon = 2^{-24}` in float32). A constant group gives
+  :math:`d = 0` exactly, hence variance 0. The mean is kept as ``shift = K``
+  plus ``offset`` :math:`= \bar d`, as in `_two_pass`.
+  """
+  index = tuple(slice(0, 1) if i in axes else slice(None) for i in range(x.ndim))
+  shift = x[index].astype(dtype)
+  if channel_groups is not None:
+    size = x.shape[-1] // channel_groups
+    shift = jnp.repeat(shift[..., ::size], size, axis=-1)
+  d = x.astype(dtype) - shift
+  inv_count = 1 / jnp.maximum(count, 1)
+  offset = group_sum(d, axes, channel_groups) * inv_count
+  var = jnp.maximum(group_sum(jnp.square(d), axes, channel_groups) * inv_count - jnp.square(offset), 0)
   return Moments(count, shift, offset, var)
 
 

@@ -49,7 +49,7 @@ with the parameter gradients); `tests/test_fused_programs.py` checks it on
 the optimized HLO. Every full-size term (:math:`x - \text{shift}`,
 :math:`\hat x`, :math:`h`, the float32 view of a bfloat16 input) is built
 by the one fusion that consumes it, from private copies of the statistics
-that XLA cannot merge (`_moments.private_copies`). Where the parameters are
+that XLA cannot merge (`_platform.private_copies`). Where the parameters are
 constant along some reduced axes (all of them for batch and instance norm,
 the spatial ones for group norm), the backward first sums over those axes,
 where :math:`\langle g \hat x\rangle = r(\langle g\,(x - \text{shift})\rangle
@@ -71,7 +71,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxnorm import _moments, _validation
+from jaxnorm import _moments, _platform, _validation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,7 +124,7 @@ def _readable(x: jax.Array, mask: jax.Array | None) -> jax.Array | None:
   return None if mask is None else mask | jnp.isfinite(x)
 
 
-def _forward(x, scale, bias, mask, spec: Spec):
+def _forward(x, scale, bias, mask, spec: Spec, forward_only: bool = False):
   stats = _moments.compute(
       x,
       spec.axes,
@@ -134,6 +134,7 @@ def _forward(x, scale, bias, mask, spec: Spec):
       axis_index_groups=spec.axis_index_groups,
       dtype=spec.acc_dtype,
       channel_groups=spec.channel_groups,
+      forward_only=forward_only,
   )
   rstd = lax.rsqrt(stats.var + spec.epsilon)
   y = _normalized(2, x, mask, stats.shift, stats.offset, rstd, spec.acc_dtype)
@@ -146,18 +147,19 @@ def _forward(x, scale, bias, mask, spec: Spec):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _standardize_vjp(x, scale, bias, mask, spec):
-  return _forward(x, scale, bias, mask, spec)[0]
+  # Not differentiated: the statistics feed only y (see `_moments.compute`).
+  return _forward(x, scale, bias, mask, spec, forward_only=True)[0]
 
 
 def _deviation(tag: int, x, mask, shift, acc, *small):
   """``x - shift`` in the accumulation dtype, from private copies of `x`, `shift` and `small`.
 
   Every full-size use calls this with its own `tag` (see
-  `_moments.private_copies`), so that XLA recomputes it from `x` inside each
+  `_platform.private_copies`), so that XLA recomputes it from `x` inside each
   consumer instead of writing it out. A masked-out value that is NaN or inf
   is read as 0. Returns the deviation and the copies of `small`.
   """
-  x, shift, *small = _moments.private_copies(tag, x, shift, *small)
+  x, shift, *small = _platform.private_copies(tag, x, shift, *small)
   xa = x.astype(acc)
   return _moments.masked_zero(xa, _readable(xa, mask)) - shift, small
 
@@ -180,17 +182,17 @@ def _bwd(spec: Spec, residuals, g):
   gamma = None if scale is None else scale.astype(acc)
 
   # Each full-size term is rebuilt from (x, g) by the consumer that needs it,
-  # under its own tag (see `_moments.private_copies`): the program writes
+  # under its own tag (see `_platform.private_copies`): the program writes
   # nothing full-size but dx, and converts bfloat16 inputs in registers.
   def xhat(tag):
     return _normalized(tag, x, mask, shift, offset, rstd, acc)
 
   def cotangent(tag):
-    return _moments.private_copies(tag, g)[0].astype(acc)
+    return _platform.private_copies(tag, g)[0].astype(acc)
 
   def h(tag):
     gk = cotangent(tag)
-    return gk if gamma is None else gk * _moments.private_copies(tag, gamma)[0]
+    return gk if gamma is None else gk * _platform.private_copies(tag, gamma)[0]
 
   def finish(a):
     # The rest of a group sum, on arrays already summed over `outer` (small).
@@ -233,7 +235,7 @@ def _bwd(spec: Spec, residuals, g):
     correction = correction + sums[1] * inv_n
   # Only valid positions move the statistics, so only they get the correction.
   dx = rstd * (h(6) - _moments.masked_zero(correction, mask))
-  x6 = _moments.private_copies(6, x)[0]
+  x6 = _platform.private_copies(6, x)[0]
   dx = _moments.masked_zero(dx, _readable(x6, mask))
   d_scale = None if d_scale is None else d_scale.astype(scale.dtype)
   d_bias = None if d_bias is None else d_bias.astype(bias.dtype)
