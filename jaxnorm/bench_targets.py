@@ -60,7 +60,19 @@ def gpu_target_config(target: str) -> str:
 
 # Entry-computation ops that launch no work of their own.
 _NOT_KERNELS = frozenset(
-    {"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "copy-start", "copy-done", "after-all"}
+    {
+        "parameter",
+        "constant",
+        "tuple",
+        "get-tuple-element",
+        "bitcast",
+        "after-all",
+        # XLA:TPU's asynchronous copies and slices between memory spaces (the DMA engines, not a kernel).
+        "copy-start",
+        "copy-done",
+        "slice-start",
+        "slice-done",
+    }
 )
 _INSTRUCTION = re.compile(r"\s*(?:ROOT )?%(\S+) = (\(.*?\)|\S+) ([\w-]+)\((.*?)\)(.*)$")
 _ARRAY = re.compile(r"(\w+)\[([\d,]*)\](\{[^}]*\})?")
@@ -179,3 +191,101 @@ def run_case(target: str, case: bench.Case, sharding: Any) -> dict[str, Any]:
         "fwd_bwd": measure(target, _timing.loss_grad(apply, n_params), [x, *params, x], size),
     }
   return {"name": case.name, "op": case.op, "shape": list(case.shape), "dtype": case.dtype, "results": results}
+
+
+def goals(case: dict[str, Any], target: str) -> dict[str, dict[str, Any]]:
+  """Per mode, whether jaxnorm meets the accelerator goals on `case` (a `run_case` record).
+
+  * kernels at most flax default's;
+  * GPU: bytes accessed at most the least of flax default, flax exact
+    variance and the textbook formula; TPU: estimated cycles at most the
+    least of flax exact variance and the textbook formula, and at most 1.2x
+    flax default's;
+  * H100, layer and RMS norm forward: one kernel that reads `x` once and
+    writes `y` once (bytes at most ``2 |x|`` plus 1%).
+  """
+  res = case["results"]
+  out = {}
+  for mode in MODES:
+    jn = res["jaxnorm"][mode]
+    checks = {"kernels": jn["kernels"] <= res["flax"][mode]["kernels"]}
+    if is_tpu(target):
+      exact = min(res[i][mode]["mcycles"] for i in ("flax_exact", "plain_jnp"))
+      checks["cycles"] = jn["mcycles"] <= exact and jn["mcycles"] <= 1.2 * res["flax"][mode]["mcycles"]
+    else:
+      least = min(res[i][mode]["bytes_accessed"] for i in ("flax", "flax_exact", "plain_jnp"))
+      checks["bytes"] = jn["bytes_accessed"] <= least
+      if target == "h100" and mode == "fwd" and case["op"] in ("layer_norm", "rms_norm"):
+        x_bytes = int(np.prod(case["shape"])) * jnp.dtype(case["dtype"]).itemsize
+        checks["one_kernel"] = jn["kernels"] == 1 and jn["bytes_accessed"] <= 2.02 * x_bytes
+    out[mode] = checks
+  return out
+
+
+def run(target: str, *, quick: bool = False, patterns: str | None = None, progress: Any = None) -> dict[str, Any]:
+  """Compiles the selected benchmark cases for `target`; the JSON-ready report."""
+  import sys  # noqa: PLC0415
+  import time  # noqa: PLC0415
+
+  progress = sys.stderr if progress is None else progress
+  sharding = device_sharding(target)
+  chosen = bench.select(bench.cases(bench.QUICK if quick else bench.FULL), patterns)
+  start = time.perf_counter()
+  header = _timing.machine_lines(f"compile-only benchmark for {target}")
+  plugin = "libtpu" if is_tpu(target) else "jax-cuda12-plugin"
+  header.append(f"target: {target} ({_describe(target)}, {plugin} {_timing._version(plugin)}); nothing runs: figures are XLA's cost model")
+  records = []
+  for i, case in enumerate(chosen):
+    print(f"[{i + 1}/{len(chosen)}] {case.name} for {target} ...", file=progress, flush=True)
+    record = run_case(target, case, sharding)
+    record["goals"] = goals(record, target)
+    records.append(record)
+  return {
+      "schema": "jaxnorm-bench-target/1",
+      "target": target,
+      "header": header,
+      "date": header[0].rsplit(", ", 1)[-1],
+      "versions": header[2:],
+      "settings": {"quick": quick, "cases": patterns},
+      "implementations": {k: bench.LABELS[k] for k in IMPLEMENTATIONS},
+      "modes": list(MODES),
+      "cases": records,
+      "seconds": time.perf_counter() - start,
+  }
+
+
+def _describe(target: str) -> str:
+  if is_tpu(target):
+    return f"XLA:TPU, topology {TPU_TOPOLOGIES[target]}, one chip"
+  return f"XLA:GPU, {GPU_TARGET_FILES[target]}"
+
+
+def format_report(report: dict[str, Any]) -> str:
+  """The report as a plain-text table: per case and mode, each implementation's figures and the goals."""
+  target = report["target"]
+  tpu = is_tpu(target)
+  lines = [*report["header"], ""]
+  if tpu:
+    lines.append("Cells: kernels / full-size HBM passes / estimated Mcycles (XLA:TPU's cost model).")
+  else:
+    lines.append("Cells: kernels / MB accessed (XLA's HloCostAnalysis of the optimized program) / temp MB.")
+  lines.append("Goals: kernels <= flax's; " + ("Mcycles <= min(flax-x, jnp) and <= 1.2 flax" if tpu else "MB <= min(flax, flax-x, jnp)") + ".")
+  rows = []
+  for rec in report["cases"]:
+    for mode in MODES:
+      cells = []
+      for impl in IMPLEMENTATIONS:
+        r = rec["results"][impl][mode]
+        if tpu:
+          cells.append(f"{r['kernels']}/{r['full_size_passes']}/{r['mcycles']:.2f}")
+        else:
+          cells.append(f"{r['kernels']}/{r['bytes_accessed'] / 1e6:.0f}/{(r['temp_bytes'] or 0) / 1e6:.0f}")
+      missed = [k for k, ok in rec["goals"][mode].items() if not ok]
+      rows.append([rec["name"], mode, *cells, "met" if not missed else "missed: " + ", ".join(missed)])
+  lines += _timing.table(
+      ["case", "mode", *(bench.SHORT[i] for i in IMPLEMENTATIONS), "goals"],
+      rows,
+      [False, False] + [True] * len(IMPLEMENTATIONS) + [False],
+  )
+  lines += ["", f"{len(report['cases'])} cases in {report['seconds']:.1f} s"]
+  return "\n".join(lines)

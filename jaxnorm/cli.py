@@ -66,6 +66,17 @@ def _add_bench(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
   )
   p.add_argument("--quick", action="store_true", help="tiny shapes and 3 repeats (seconds; for tests)")
   p.add_argument(
+      "--target",
+      choices=("h100", "a100", "tpu-v5e", "tpu-v4"),
+      default=None,
+      help=(
+          "compile every case for this GPU or TPU without the device and report XLA's figures for the optimized "
+          "programs (kernels, bytes accessed or estimated cycles, temporaries; nothing runs, no timing). Needs "
+          "the compiler plugin at this jax's version: jax-cuda12-plugin and jax-cuda12-pjrt (GPU) or libtpu "
+          "(TPU, via jax[tpu]); run with JAX_PLATFORMS=cpu"
+      ),
+  )
+  p.add_argument(
       "--cases",
       metavar="PATTERNS",
       default=None,
@@ -78,7 +89,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
   p.add_argument("--warmup", type=int, default=None, help="untimed runs first (default: 2; --quick: 1)")
   p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default: 0)")
   p.add_argument(
-      "--out", default="jaxnorm-bench.json", help="JSON report path (default: jaxnorm-bench.json)"
+      "--out", default=None, help="JSON report path (default: jaxnorm-bench.json; with --target T: jaxnorm-bench-T.json)"
   )
   p.add_argument(
       "--plot",
@@ -93,6 +104,10 @@ def _run_bench(args: argparse.Namespace) -> int:
 
   from jaxnorm import bench  # noqa: PLC0415  (imported here so that `jaxnorm --help` stays fast)
 
+  if args.out is None:
+    args.out = "jaxnorm-bench.json" if args.target is None else f"jaxnorm-bench-{args.target}.json"
+  if args.target is not None:
+    return _run_bench_target(args)
   plot = args.plot
   if plot is None:
     plot = os.path.splitext(args.out)[0] + ".png"
@@ -115,6 +130,25 @@ def _run_bench(args: argparse.Namespace) -> int:
   print(bench.format_report(report), flush=True)
   bench.write(report, args.out, plot)
   print(f"wrote {args.out}" + (f" and {plot}" if plot else ""), flush=True)
+  return 0
+
+
+def _run_bench_target(args: argparse.Namespace) -> int:
+  import json  # noqa: PLC0415
+
+  from jaxnorm import bench_targets  # noqa: PLC0415
+
+  try:
+    bench_targets.require(args.target)
+    report = bench_targets.run(args.target, quick=args.quick, patterns=args.cases)
+  except (ValueError, RuntimeError) as e:
+    print(f"jaxnorm bench: error: {e}", file=sys.stderr)
+    return 2
+  print(bench_targets.format_report(report), flush=True)
+  with open(args.out, "w") as f:
+    json.dump(report, f, indent=1)
+    f.write("\n")
+  print(f"wrote {args.out}", flush=True)
   return 0
 
 
