@@ -47,7 +47,8 @@ def batch_norm(
     axis_index_groups: optional groups within `axis_name` (see `jax.lax.psum`).
     dtype: output dtype; defaults to `x.dtype`.
     custom_vjp: if False, differentiate the same forward by plain autodiff
-      (needed for forward mode: `jax.jvp`, `jax.jacfwd`, `jax.hessian`).
+      (needed for forward mode: `jax.jvp`, `jax.jacfwd`; reverse-over-reverse
+      and `jax.hessian` work through the custom VJP).
 
   Returns:
     `(y, mean, var)`: `y` shaped like `x`; the batch mean and biased variance
