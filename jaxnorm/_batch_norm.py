@@ -14,7 +14,8 @@ def batch_norm(
     scale: jax.Array | None = None,
     bias: jax.Array | None = None,
     *,
-    feature_axes: _validation.Axes = -1,
+    feature_axes: _validation.Axes = _validation.DEFAULT_FEATURE_AXES,
+    axis: _validation.Axes | None = None,
     epsilon: float = 1e-5,
     where: jax.Array | None = None,
     axis_name: Any = None,
@@ -39,6 +40,8 @@ def batch_norm(
     scale: :math:`\gamma`, shaped like the feature axes (e.g. `(C,)`), or None.
     bias: :math:`\beta`, shaped like the feature axes, or None.
     feature_axes: the axis or axes that keep their own statistics.
+    axis: the same as `feature_axes` under the name `moments`, `layer_norm` and
+      `linen.BatchNorm` use (e.g. `axis=1` for NCHW); give one of the two.
     epsilon: added to the variance; must be > 0.
     where: optional boolean mask broadcastable to `x`; only True positions
       enter the statistics (all positions are normalized; masked-out NaN or inf
@@ -47,7 +50,8 @@ def batch_norm(
     axis_index_groups: optional groups within `axis_name` (see `jax.lax.psum`).
     dtype: output dtype; defaults to `x.dtype`.
     custom_vjp: if False, differentiate the same forward by plain autodiff
-      (needed for forward mode: `jax.jvp`, `jax.jacfwd`, `jax.hessian`).
+      (needed for forward mode: `jax.jvp`, `jax.jacfwd`; reverse-over-reverse
+      and `jax.hessian` work through the custom VJP).
 
   Returns:
     `(y, mean, var)`: `y` shaped like `x`; the batch mean and biased variance
@@ -62,27 +66,30 @@ def batch_norm(
     ((32, 8), (8,))
   """
   x = _validation.floating_input(x)
-  features = _validation.canonical_axes(feature_axes, x.ndim, "feature_axes")
+  feature_axes = _validation.feature_axes_or_axis(feature_axes, axis)
+  features = _validation.canonical_axes(feature_axes, x.ndim, "feature_axes" if axis is None else "axis")
   reduced = tuple(a for a in range(x.ndim) if a not in features)
   if not reduced:
     raise ValueError(
         f"`feature_axes`={feature_axes!r} covers every axis of an input of rank {x.ndim}: "
         "batch_norm needs at least one axis (the batch) to take statistics over."
     )
-  return _standardize.apply(
-      x,
-      scale,
-      bias,
-      axes=reduced,
-      axes_name="feature_axes",
-      param_axes=features,
-      param_explain="the shape of x along feature_axes",
-      centered=True,
-      epsilon=epsilon,
-      where=where,
-      axis_name=axis_name,
-      axis_index_groups=axis_index_groups,
-      dtype=dtype,
-      custom_vjp=custom_vjp,
-      with_statistics=True,
-  )
+  # Under jax.jvp the custom VJP fails inside this call: say what to do instead.
+  with _validation.explain_forward_mode("batch_norm", custom_vjp, (x, scale, bias)):
+    return _standardize.apply(
+        x,
+        scale,
+        bias,
+        axes=reduced,
+        axes_name="feature_axes",
+        param_axes=features,
+        param_explain="the shape of x along feature_axes",
+        centered=True,
+        epsilon=epsilon,
+        where=where,
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        dtype=dtype,
+        custom_vjp=custom_vjp,
+        with_statistics=True,
+    )

@@ -36,7 +36,8 @@ def batch_renorm(
     *,
     r_max: Any,
     d_max: Any,
-    feature_axes: _validation.Axes = -1,
+    feature_axes: _validation.Axes = _validation.DEFAULT_FEATURE_AXES,
+    axis: _validation.Axes | None = None,
     epsilon: float = 1e-5,
     where: jax.Array | None = None,
     axis_name: Any = None,
@@ -83,6 +84,8 @@ def batch_renorm(
       scalar, which cannot be checked).
     d_max: bound on :math:`|d|`, a scalar >= 0 (same).
     feature_axes: the axis or axes that keep their own statistics.
+    axis: the same as `feature_axes` under the name `moments`, `layer_norm` and
+      `linen.BatchNorm` use (e.g. `axis=1` for NCHW); give one of the two.
     epsilon: added to both variances; must be > 0.
     where: optional boolean mask broadcastable to `x`; only True positions
       enter the batch statistics (all positions are normalized; masked-out NaN
@@ -109,7 +112,8 @@ def batch_renorm(
     True
   """
   x = _validation.floating_input(x)
-  features = _validation.canonical_axes(feature_axes, x.ndim, "feature_axes")
+  feature_axes = _validation.feature_axes_or_axis(feature_axes, axis)
+  features = _validation.canonical_axes(feature_axes, x.ndim, "feature_axes" if axis is None else "axis")
   reduced = tuple(a for a in range(x.ndim) if a not in features)
   if not reduced:
     raise ValueError(
@@ -150,23 +154,25 @@ def batch_renorm(
     eff_scale, eff_bias = scale.astype(acc) * r, scale.astype(acc) * d
   if bias is not None:
     eff_bias = eff_bias + bias.astype(acc)
-  return _standardize.apply(
-      x,
-      eff_scale,
-      eff_bias,
-      axes=reduced,
-      axes_name="feature_axes",
-      param_axes=features,
-      param_explain=explain,
-      centered=True,
-      epsilon=eps,
-      where=mask,
-      axis_name=axis_name,
-      axis_index_groups=axis_index_groups,
-      dtype=dtype,
-      custom_vjp=custom_vjp,
-      with_statistics=True,
-  )
+  # Under jax.jvp the custom VJP fails inside this call: say what to do instead.
+  with _validation.explain_forward_mode("batch_renorm", custom_vjp, (x, eff_scale, eff_bias)):
+    return _standardize.apply(
+        x,
+        eff_scale,
+        eff_bias,
+        axes=reduced,
+        axes_name="feature_axes",
+        param_axes=features,
+        param_explain=explain,
+        centered=True,
+        epsilon=eps,
+        where=mask,
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        dtype=dtype,
+        custom_vjp=custom_vjp,
+        with_statistics=True,
+    )
 
 
 def batch_renorm_schedule(

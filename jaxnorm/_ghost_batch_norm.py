@@ -16,7 +16,8 @@ def ghost_batch_norm(
     bias: jax.Array | None = None,
     *,
     virtual_batch_size: int,
-    feature_axes: _validation.Axes = -1,
+    feature_axes: _validation.Axes = _validation.DEFAULT_FEATURE_AXES,
+    axis: _validation.Axes | None = None,
     epsilon: float = 1e-5,
     where: jax.Array | None = None,
     axis_name: Any = None,
@@ -53,6 +54,8 @@ def ghost_batch_norm(
     virtual_batch_size: :math:`v`, a positive int that divides `x.shape[0]`.
     feature_axes: the axis or axes that keep their own statistics (never 0,
       the batch axis).
+    axis: the same as `feature_axes` under the name `moments`, `layer_norm` and
+      `linen.BatchNorm` use (e.g. `axis=1` for NCHW); give one of the two.
     epsilon: added to the variance; must be > 0.
     where: optional boolean mask broadcastable to `x`; only True positions
       enter the statistics of their virtual batch (see `batch_norm`).
@@ -83,7 +86,8 @@ def ghost_batch_norm(
     ((32, 8), (4, 8), (4, 8))
   """
   x = _validation.floating_input(x)
-  features = _validation.canonical_axes(feature_axes, x.ndim, "feature_axes")
+  feature_axes = _validation.feature_axes_or_axis(feature_axes, axis)
+  features = _validation.canonical_axes(feature_axes, x.ndim, "feature_axes" if axis is None else "axis")
   if 0 in features:
     raise ValueError(
         f"`feature_axes`={feature_axes!r} contains axis 0, the batch axis that ghost_batch_norm "
@@ -103,23 +107,25 @@ def ghost_batch_norm(
   # non-feature axes are reduced; the parameters still span the features.
   grouped_features = tuple(a + 1 for a in features)
   reduced = tuple(a for a in range(1, len(grouped_shape)) if a not in grouped_features)
-  y, mean, var = _standardize.apply(
-      x.reshape(grouped_shape),
-      scale,
-      bias,
-      axes=reduced,
-      axes_name="feature_axes",
-      param_axes=grouped_features,
-      param_explain="the shape of x along feature_axes",
-      centered=True,
-      epsilon=epsilon,
-      where=None if mask is None else mask.reshape(grouped_shape),
-      axis_name=axis_name,
-      axis_index_groups=axis_index_groups,
-      dtype=dtype,
-      custom_vjp=custom_vjp,
-      with_statistics=True,
-  )
+  # Under jax.jvp the custom VJP fails inside this call: say what to do instead.
+  with _validation.explain_forward_mode("ghost_batch_norm", custom_vjp, (x, scale, bias)):
+    y, mean, var = _standardize.apply(
+        x.reshape(grouped_shape),
+        scale,
+        bias,
+        axes=reduced,
+        axes_name="feature_axes",
+        param_axes=grouped_features,
+        param_explain="the shape of x along feature_axes",
+        centered=True,
+        epsilon=epsilon,
+        where=None if mask is None else mask.reshape(grouped_shape),
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        dtype=dtype,
+        custom_vjp=custom_vjp,
+        with_statistics=True,
+    )
   return y.reshape(x.shape), mean, var
 
 

@@ -115,7 +115,9 @@ def weight_norm(
   if g is not None:
     g = g.reshape(_validation.keepdims_shape(v.shape, spec.axes))
   if custom_vjp:
-    return _weight_norm_vjp(v, g, spec)
+    # jax.jvp fails here, where the custom_vjp is traced: say what to do instead.
+    with _validation.explain_forward_mode("weight_norm", custom_vjp, (v, g)):
+      return _weight_norm_vjp(v, g, spec)
   return _forward(v, g, spec)[0]
 
 

@@ -15,6 +15,7 @@ Shapes are tiny: JAX compile time dominates the runtime of this file.
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -423,8 +424,7 @@ def test_jit_matches_eager():
       lambda x: jaxnorm.batch_norm(x, s, b),
       lambda x: jaxnorm.moments(x, 0),
   ):
-    for a, b_ in zip(jax.tree.leaves(jax.jit(f)(x)), jax.tree.leaves(f(x))):
-      np.testing.assert_allclose(a, b_, rtol=1e-12, atol=1e-12)
+    chex.assert_trees_all_close(jax.jit(f)(x), f(x), rtol=1e-12, atol=1e-12)
   np.testing.assert_allclose(jax.jit(lambda x: jaxnorm.layer_norm(x, s, b))(x), np_layer_norm(x, s, b), **F64)
 
 
@@ -519,11 +519,9 @@ def test_forward_mode_with_custom_vjp_false(op):
     return jac_rev, jac_fwd, jax.jvp(lambda x: f(x, False), (x,), (t,))[1]
 
   jac_rev, jac_fwd, tangent = run(x, t)
-  for a, b_ in zip(jax.tree.leaves(jac_fwd), jax.tree.leaves(jac_rev)):
-    np.testing.assert_allclose(a, b_, rtol=1e-9, atol=1e-10)
+  chex.assert_trees_all_close(jac_fwd, jac_rev, rtol=1e-9, atol=1e-10)
   expected = jax.tree.map(lambda j: np.tensordot(j, t, axes=2), jac_rev)
-  for a, b_ in zip(jax.tree.leaves(tangent), jax.tree.leaves(expected)):
-    np.testing.assert_allclose(a, b_, rtol=1e-9, atol=1e-10)
+  chex.assert_trees_all_close(tangent, expected, rtol=1e-9, atol=1e-10)
   # The custom-VJP path has no forward mode of its own: that is what custom_vjp=False is for.
   with pytest.raises(TypeError):
     jax.jit(lambda x, t: jax.jvp(lambda x: f(x, True), (x,), (t,)))(x, t)
@@ -1197,3 +1195,16 @@ def test_bad_input_raises_at_trace_time(name, f, x, error, match):
 def test_traced_epsilon_raises():
   with pytest.raises(TypeError, match=r"`epsilon`"):
     jax.jit(lambda x, eps: jaxnorm.layer_norm(x, epsilon=eps))(X2, 1e-5)
+
+
+def test_jit_traces_once_per_shape_and_dtype():
+  # Eager calls jit each kernel op with the Spec static: new values of the same
+  # shape must reuse the compiled program, not retrace.
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def f(x):
+    return jaxnorm.layer_norm(x), jaxnorm.batch_norm(x)[0]
+
+  x = jnp.arange(12.0).reshape(3, 4)
+  for k in range(3):
+    f(x + k)

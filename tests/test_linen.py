@@ -1,5 +1,6 @@
 """jaxnorm.linen against flax.linen: same variables, outputs, gradients, running statistics, dtypes."""
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -17,10 +18,8 @@ def _data(shape, offset=2.0, spread=3.0, dtype=jnp.float32):
 
 
 def _assert_trees_close(a, b, rtol, atol):
-  assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
-  for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
-    assert u.dtype == v.dtype and u.shape == v.shape
-    np.testing.assert_allclose(np.asarray(u, np.float64), np.asarray(v, np.float64), rtol=rtol, atol=atol)
+  chex.assert_trees_all_equal_shapes_and_dtypes(a, b)
+  chex.assert_trees_all_close(a, b, rtol=rtol, atol=atol)
 
 
 def _random_params(variables):

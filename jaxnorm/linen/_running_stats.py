@@ -56,6 +56,17 @@ class _ConventionDefault(float):
 DEFAULT_MOMENTUM = _ConventionDefault(_MOMENTUM_DEFAULTS["flax"])
 
 
+def _init_without_flax_link(error: Exception, message: str) -> None:
+  # flax.errors.FlaxError.__init__ appends a link to flax's error page for the
+  # class, which does not exist for jaxnorm's classes: the message says it all.
+  Exception.__init__(error, message)
+
+
+def _reduce_without_flax_link(error: Exception):
+  # FlaxError.__reduce__ would unpickle as a plain FlaxError, adding the link.
+  return (type(error), (str(error),))
+
+
 class ImmutableBatchStatsError(flax.errors.ModifyScopeVariableError):
   """A training step needs to update the running statistics, but ``batch_stats`` is immutable.
 
@@ -75,7 +86,10 @@ class ImmutableBatchStatsError(flax.errors.ModifyScopeVariableError):
   """
 
   def __init__(self, message: str):  # pylint: disable=super-init-not-called
-    flax.errors.FlaxError.__init__(self, message)
+    _init_without_flax_link(self, message)
+
+  def __reduce__(self):
+    return _reduce_without_flax_link(self)
 
 
 class MissingBatchStatsError(flax.errors.ScopeCollectionNotFound):
@@ -94,7 +108,10 @@ class MissingBatchStatsError(flax.errors.ScopeCollectionNotFound):
   """
 
   def __init__(self, message: str):  # pylint: disable=super-init-not-called
-    flax.errors.FlaxError.__init__(self, message)
+    _init_without_flax_link(self, message)
+
+  def __reduce__(self):
+    return _reduce_without_flax_link(self)
 
 
 def stats_dtype(x_dtype: Any, dtype: Any) -> np.dtype:
