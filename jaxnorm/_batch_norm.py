@@ -69,6 +69,9 @@ def batch_norm(
         f"`feature_axes`={feature_axes!r} covers every axis of an input of rank {x.ndim}: "
         "batch_norm needs at least one axis (the batch) to take statistics over."
     )
+  # Lists of names (which lax.psum accepts) as tuples: the kernel's spec is hashed.
+  axis_name = _validation.axis_name(axis_name)
+  axis_index_groups = _validation.axis_index_groups(axis_index_groups)
   return _standardize.apply(
       x,
       scale,

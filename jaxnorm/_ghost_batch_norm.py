@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import operator
 from typing import Any
 
 import jax
@@ -114,8 +113,8 @@ def ghost_batch_norm(
       centered=True,
       epsilon=epsilon,
       where=None if mask is None else mask.reshape(grouped_shape),
-      axis_name=axis_name,
-      axis_index_groups=axis_index_groups,
+      axis_name=_validation.axis_name(axis_name),
+      axis_index_groups=_validation.axis_index_groups(axis_index_groups),
       dtype=dtype,
       custom_vjp=custom_vjp,
       with_statistics=True,
@@ -124,10 +123,7 @@ def ghost_batch_norm(
 
 
 def _virtual_batch_size(v: Any) -> int:
-  try:
-    v = operator.index(v)
-  except TypeError:
-    raise TypeError(f"`virtual_batch_size` must be a Python int, got {v!r}.") from None
+  v = _validation.integer(v, "virtual_batch_size")
   if v < 1:
     raise ValueError(f"`virtual_batch_size` must be >= 1, got {v}.")
   return v

@@ -13,7 +13,6 @@ itself, with group statistics repeated over their channels
 from __future__ import annotations
 
 import math
-import operator
 from typing import Any
 
 import jax
@@ -33,10 +32,7 @@ def _channels_last(x: jax.Array, op: str, min_ndim: int, layout: str) -> None:
 
 def check_num_groups(num_groups: Any, channels: int) -> int:
   """`num_groups` as an int; raises unless it is an integer >= 1 that divides `channels`."""
-  try:
-    groups = operator.index(num_groups)
-  except TypeError:
-    raise TypeError(f"`num_groups` must be an int, got {num_groups!r}.") from None
+  groups = _validation.integer(num_groups, "num_groups")
   if groups < 1:
     raise ValueError(f"`num_groups` must be >= 1, got {groups}.")
   if channels % groups:
@@ -81,8 +77,8 @@ def standardize_groups(
       centered=True,
       epsilon=epsilon,
       where=where,
-      axis_name=axis_name,
-      axis_index_groups=axis_index_groups,
+      axis_name=_validation.axis_name(axis_name),
+      axis_index_groups=_validation.axis_index_groups(axis_index_groups),
       dtype=dtype,
       custom_vjp=custom_vjp,
       channel_groups=groups,
@@ -223,8 +219,8 @@ def instance_norm(
       centered=True,
       epsilon=epsilon,
       where=where,
-      axis_name=axis_name,
-      axis_index_groups=axis_index_groups,
+      axis_name=_validation.axis_name(axis_name),
+      axis_index_groups=_validation.axis_index_groups(axis_index_groups),
       dtype=dtype,
       custom_vjp=custom_vjp,
   )

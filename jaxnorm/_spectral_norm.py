@@ -115,10 +115,9 @@ def spectral_norm(
     raise TypeError(f"`n_steps` must be an int >= 1, got {n_steps!r}.") from None
   if n_steps < 1:
     raise ValueError(f"`n_steps` must be >= 1, got {n_steps}.")
-  epsilon = _validation.positive_epsilon(epsilon)
   out_dtype = _validation.output_dtype(dtype, w.dtype)
-
   acc = _validation.accumulation_dtype(w.dtype, u.dtype)
+  epsilon = _validation.positive_epsilon(epsilon, acc)
   return _run(w, u, n_steps=n_steps, epsilon=epsilon, acc=acc, out_dtype=out_dtype)
 
 

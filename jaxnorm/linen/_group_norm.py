@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import operator
 from typing import Any
 
 import flax.linen as nn
@@ -25,10 +24,7 @@ def _resolve_num_groups(num_groups: Any, group_size: Any, channels: int) -> int:
     )
   if group_size is None:
     return _group_norm.check_num_groups(num_groups, channels)
-  try:
-    size = operator.index(group_size)
-  except TypeError:
-    raise TypeError(f"`group_size` must be an int or None, got {group_size!r}.") from None
+  size = _validation.integer(group_size, "group_size")
   if size < 1:
     raise ValueError(f"`group_size` must be >= 1, got {size}.")
   if channels % size:

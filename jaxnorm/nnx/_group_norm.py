@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,10 +27,7 @@ def _groups(num_features: int, num_groups: Any, group_size: Any) -> tuple[int, i
   if group_size is None:
     groups = _group_norm.check_num_groups(num_groups, num_features)
     return groups, num_features // groups
-  try:
-    size = operator.index(group_size)
-  except TypeError:
-    raise TypeError(f"`group_size` must be an int or None, got {group_size!r}.") from None
+  size = _validation.integer(group_size, "group_size")
   if size < 1 or num_features % size:
     raise ValueError(
         f"`group_size`={size} must be a positive divisor of `num_features`={num_features} "
