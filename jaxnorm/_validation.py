@@ -199,7 +199,7 @@ def axis_index_groups(groups: Any) -> tuple[tuple[int, ...], ...] | None:
     ) from None
 
 
-def state_shape(value: Any, shape: tuple[int, ...], name: str) -> None:
+def state_shape(value: Any, shape: tuple[int, ...], name: str, owner: str | None = None) -> None:
   """Raises `ValueError` unless a stored state (e.g. a running statistic of a checkpoint) has exactly `shape`.
 
   Example:
@@ -207,7 +207,7 @@ def state_shape(value: Any, shape: tuple[int, ...], name: str) -> None:
   """
   if tuple(np.shape(value)) != tuple(shape):
     raise ValueError(
-        f"`{name}` has shape {tuple(np.shape(value))}, but this module expects {tuple(shape)} (the shape of its "
+        f"{owner + ': ' if owner else ''}`{name}` has shape {tuple(np.shape(value))}, but this module expects {tuple(shape)} (the shape of its "
         "features): the variables come from a model of another width or layout."
     )
 
@@ -226,19 +226,35 @@ def parameter(p: Any, shape: tuple[int, ...], name: str, explain: str) -> jax.Ar
   return p
 
 
+def boolean_mask(mask: Any, name: str = "mask") -> jax.Array | None:
+  """`mask` as a JAX array (None stays None); raises `TypeError`, naming `name`, unless it is boolean.
+
+  Modules take ``mask=`` and hand it to an op's ``where=``; checking it here
+  names the argument the caller actually passed.
+
+  Example:
+    >>> boolean_mask(np.array([True, False])).dtype
+    dtype('bool')
+  """
+  if mask is None:
+    return None
+  mask = jnp.asarray(mask)
+  # A mask selects; it does not weigh. An additive attention mask (0 and -1e9)
+  # or a float 0/1 mask cast to bool would read as "all valid" or select the
+  # wrong elements, so anything but bool is refused instead of converted.
+  if mask.dtype != jnp.bool_:
+    raise TypeError(
+        f"`{name}` must be a boolean array (True = valid), got dtype {mask.dtype}; for a 0/1 mask use "
+        f"`{name}.astype(bool)`, for an additive mask (0 and -inf) use `{name} == 0`."
+    )
+  return mask
+
+
 def broadcast_mask(where: Any, shape: tuple[int, ...], name: str = "where") -> jax.Array | None:
   """`where` as a boolean array of `shape`; raises unless it is boolean and broadcasts to `shape`."""
   if where is None:
     return None
-  where = jnp.asarray(where)
-  # A mask selects; it does not weigh. An additive attention mask (0 and -1e9)
-  # or a float 0/1 mask cast to bool would read as "all valid" or select the
-  # wrong elements, so anything but bool is refused instead of converted.
-  if where.dtype != jnp.bool_:
-    raise TypeError(
-        f"`{name}` must be a boolean array (True = valid), got dtype {where.dtype}; for a 0/1 mask use "
-        f"`{name}.astype(bool)`, for an additive mask (0 and -inf) use `{name} == 0`."
-    )
+  where = boolean_mask(where, name)
   try:
     target = jnp.broadcast_shapes(where.shape, shape)
   except ValueError:

@@ -149,7 +149,7 @@ class RunningStatistics:
     for name, var, shape in (("mean", self.mean, feature_shape), ("var", self.var, feature_shape),
                              ("num_batches_tracked", self.num_batches_tracked, ())):
       if var is not None:
-        _validation.state_shape(var.value, shape, f"{self._name()}: batch_stats/{name}")
+        _validation.state_shape(var.value, shape, f"batch_stats/{name}", self._name())
 
   def _name(self) -> str:
     path = "/".join(str(p) for p in (self.module.scope.path if self.module.scope else ()))

@@ -169,6 +169,7 @@ class BatchStatistics(TrainEvalSwitch, nnx.Module):
     """
     use_running_average = self._resolve_use_running_average(use_running_average)
     x = _validation.floating_input(x)
+    mask = _validation.boolean_mask(mask, "mask")
     axes = _validation.canonical_axes(self.axis, x.ndim, "axis")
     shape = _affine.feature_shape(x, axes, self.num_features, "axis")
     # flax.nnx's promotion: the input, the statistics and the parameters together.
