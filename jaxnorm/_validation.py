@@ -74,6 +74,8 @@ def real_number(value: Any, name: str) -> float:
   be known at trace time).
 
   Example:
+    >>> import numpy as np
+    >>> from jaxnorm._validation import real_number
     >>> real_number(1e-3, "epsilon")
     0.001
   """
@@ -94,6 +96,8 @@ def integer(value: Any, name: str) -> int:
   """`value` as a Python int; raises `TypeError` unless it is an integer (Python or NumPy), not a bool.
 
   Example:
+    >>> import numpy as np
+    >>> from jaxnorm._validation import integer
     >>> integer(np.int64(3), "num_groups")
     3
   """
@@ -116,6 +120,8 @@ def positive_epsilon(epsilon: Any, dtype: Any = None, name: str = "epsilon") -> 
   works.
 
   Example:
+    >>> import numpy as np
+    >>> from jaxnorm._validation import positive_epsilon
     >>> positive_epsilon(1e-5)
     1e-05
   """
@@ -141,6 +147,8 @@ def momentum(m: Any, name: str = "momentum") -> float | jax.Array:
   unchecked. None (torch's cumulative average) is the caller's to handle.
 
   Example:
+    >>> import numpy as np
+    >>> from jaxnorm._validation import momentum
     >>> momentum(0.9)
     0.9
   """
@@ -166,6 +174,8 @@ def axis_name(name: Any, arg: str = "axis_name") -> Hashable:
   hashed spec, so a list is turned into the equivalent tuple here.
 
   Example:
+    >>> import numpy as np
+    >>> from jaxnorm._validation import axis_name
     >>> axis_name(["data", "model"])
     ('data', 'model')
   """
@@ -186,6 +196,8 @@ def axis_index_groups(groups: Any) -> tuple[tuple[int, ...], ...] | None:
   """`axis_index_groups` (see `jax.lax.psum`) as a tuple of tuples of ints, hashable like `axis_name`.
 
   Example:
+    >>> import numpy as np
+    >>> from jaxnorm._validation import axis_index_groups
     >>> axis_index_groups([[0, 1], [2, 3]])
     ((0, 1), (2, 3))
   """
@@ -203,6 +215,8 @@ def state_shape(value: Any, shape: tuple[int, ...], name: str, owner: str | None
   """Raises `ValueError` unless a stored state (e.g. a running statistic of a checkpoint) has exactly `shape`.
 
   Example:
+    >>> import numpy as np
+    >>> from jaxnorm._validation import state_shape
     >>> state_shape(np.zeros(4), (4,), "batch_stats/mean")
   """
   if tuple(np.shape(value)) != tuple(shape):
@@ -233,6 +247,8 @@ def boolean_mask(mask: Any, name: str = "mask") -> jax.Array | None:
   names the argument the caller actually passed.
 
   Example:
+    >>> import numpy as np
+    >>> from jaxnorm._validation import boolean_mask
     >>> boolean_mask(np.array([True, False])).dtype
     dtype('bool')
   """
