@@ -127,7 +127,7 @@ def positive_epsilon(epsilon: Any, dtype: Any = None, name: str = "epsilon") -> 
   """
   value = real_number(epsilon, name)
   if not 0 < value < float("inf"):
-    raise ValueError(f"`{name}` must be a finite number > 0, got {epsilon!r}.")
+    raise ValueError(f"`{name}` must be > 0 and finite, got {epsilon!r}.")
   dtype = np.dtype(jnp.float32 if dtype is None else dtype)
   tiny = float(jnp.finfo(dtype).tiny)
   if value < tiny:
