@@ -131,10 +131,12 @@ def batch_renorm(
     running.append(_validation.parameter(a, feature_shape, name, explain))
   r_max = _clip_bound(r_max, "r_max", 1.0)
   d_max = _clip_bound(d_max, "d_max", 0.0)
-  eps = _validation.positive_epsilon(epsilon)
   mask = _validation.broadcast_mask(where, x.shape)
   # The kernel's accumulation dtype: that of batch_norm on the same x, scale, bias.
   acc = _validation.accumulation_dtype(x.dtype, *(p.dtype for p in (scale, bias) if p is not None))
+  eps = _validation.positive_epsilon(epsilon, acc)
+  axis_name = _validation.axis_name(axis_name)
+  axis_index_groups = _validation.axis_index_groups(axis_index_groups)
 
   # The batch statistics exactly as the kernel will compute them (same dtype, mask, merge).
   stats = _moments.compute(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import operator
 
 import jax
 import jax.numpy as jnp
@@ -58,10 +57,7 @@ def local_response_norm(
   x = _validation.floating_input(x)
   if x.ndim < 1:
     raise ValueError("local_response_norm needs an input with a channel axis (the last one), got a scalar.")
-  try:
-    size = operator.index(size)
-  except TypeError:
-    raise TypeError(f"`size` must be a Python int, got {size!r}.") from None
+  size = _validation.integer(size, "size")
   if size < 1:
     raise ValueError(f"`size` must be >= 1, got {size}.")
   acc = _validation.accumulation_dtype(x.dtype)

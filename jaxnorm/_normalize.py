@@ -48,7 +48,7 @@ def normalize(
       k: None if v is None else _validation.broadcast_operand(v, x.shape, k) for k, v in operands.items()
   }
   acc = _validation.accumulation_dtype(*(v.dtype for v in checked.values() if v is not None), x.dtype)
-  multiplier = lax.rsqrt(checked["var"].astype(acc) + _validation.positive_epsilon(epsilon))
+  multiplier = lax.rsqrt(checked["var"].astype(acc) + _validation.positive_epsilon(epsilon, acc))
   if checked["scale"] is not None:
     multiplier = multiplier * checked["scale"].astype(acc)
   y = (x.astype(acc) - checked["mean"].astype(acc)) * multiplier

@@ -32,11 +32,13 @@ with one extra matrix-vector product and saves only `K`, `u`, `v` and
 
 from __future__ import annotations
 
+import functools
 import operator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jaxnorm import _validation
@@ -113,18 +115,23 @@ def spectral_norm(
     raise TypeError(f"`n_steps` must be an int >= 1, got {n_steps!r}.") from None
   if n_steps < 1:
     raise ValueError(f"`n_steps` must be >= 1, got {n_steps}.")
-  epsilon = _validation.positive_epsilon(epsilon)
   out_dtype = _validation.output_dtype(dtype, w.dtype)
-
   acc = _validation.accumulation_dtype(w.dtype, u.dtype)
+  epsilon = _validation.positive_epsilon(epsilon, acc)
+  return _run(w, u, n_steps=n_steps, epsilon=epsilon, acc=acc, out_dtype=out_dtype)
+
+
+# One compiled program per shape and settings. The power-iteration body used to
+# be a closure made anew on every call, and an eagerly run `fori_loop` caches
+# its program on the body's identity: every eager call compiled again. Here
+# the body is a module-level function and everything it depends on is static,
+# so an eager call hits the jit cache; under an enclosing jit it is inlined.
+@functools.partial(jax.jit, static_argnames=("n_steps", "epsilon", "acc", "out_dtype"))
+def _run(w, u, *, n_steps: int, epsilon: float, acc: np.dtype, out_dtype: np.dtype):
+  n = w.shape[-1]
   k = w.reshape(-1, n).astype(acc)
   k_const = lax.stop_gradient(k)
-
-  def step(_, uv):
-    u_i, _ = uv
-    v_i = _unit(k_const @ u_i, epsilon)
-    return _unit(v_i @ k_const, epsilon), v_i
-
+  step = functools.partial(_power_step, k_const, epsilon)
   # fori_loop, not a Python loop: compile time stays flat in n_steps.
   u_new, v_new = lax.fori_loop(
       0, n_steps, step, (lax.stop_gradient(u.reshape(n).astype(acc)), jnp.zeros(k.shape[0], acc))
@@ -133,3 +140,10 @@ def spectral_norm(
   # sigma >= 0; it is 0 only when K u = 0 (e.g. w = 0), where w is returned as is.
   w_sn = k / jnp.where(sigma != 0, sigma, jnp.ones((), acc))
   return w_sn.reshape(w.shape).astype(out_dtype), u_new.reshape(u.shape).astype(u.dtype), sigma
+
+
+def _power_step(k, epsilon, _, uv):
+  """One power-iteration step on the stopped `k`: `v = unit(K u)`, then `u = unit(K^T v)`."""
+  u_i, _ = uv
+  v_i = _unit(k @ u_i, epsilon)
+  return _unit(v_i @ k, epsilon), v_i

@@ -305,14 +305,16 @@ def apply(
     p = _validation.parameter(p, param_shape, name, param_explain)
     params.append(None if p is None else p.reshape(broadcast_shape))
   out_dtype = _validation.output_dtype(dtype, x.dtype)
+  acc_dtype = _validation.accumulation_dtype(x.dtype, out_dtype, *(p.dtype for p in params if p is not None))
   spec = Spec(
       axes=axes,
       centered=centered,
-      epsilon=_validation.positive_epsilon(epsilon),
+      epsilon=_validation.positive_epsilon(epsilon, acc_dtype),
       out_dtype=out_dtype,
-      acc_dtype=_validation.accumulation_dtype(x.dtype, out_dtype, *(p.dtype for p in params if p is not None)),
-      axis_name=axis_name,
-      axis_index_groups=_hashable_groups(axis_index_groups),
+      acc_dtype=acc_dtype,
+      # Lists of names (which lax.psum accepts) as tuples: the spec is hashed.
+      axis_name=_validation.axis_name(axis_name),
+      axis_index_groups=_validation.axis_index_groups(axis_index_groups),
       channel_groups=channel_groups,
   )
   mask = _validation.broadcast_mask(where, x.shape)
@@ -338,7 +340,3 @@ def _run(x, scale, bias, mask, *, spec: Spec, custom_vjp: bool, with_statistics:
       channel_groups=spec.channel_groups,
   )
   return y, jnp.squeeze(stats.mean, spec.axes), jnp.squeeze(stats.var, spec.axes)
-
-
-def _hashable_groups(groups: Any) -> Any:
-  return None if groups is None else tuple(tuple(int(i) for i in g) for g in groups)

@@ -9,8 +9,9 @@ wrong answer.
 from __future__ import annotations
 
 import contextlib
+import numbers
 import operator
-from collections.abc import Iterator, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -71,22 +72,175 @@ def canonical_axes(axes: Axes, ndim: int, name: str) -> tuple[int, ...]:
   return tuple(sorted(out))
 
 
-def positive_epsilon(epsilon: Any) -> float:
-  """`epsilon` as a Python float; raises unless it is a concrete number > 0."""
-  try:
-    value = float(epsilon)
-  except (TypeError, jax.errors.ConcretizationTypeError):
-    if isinstance(epsilon, jax.core.Tracer):
-      # The usual cause: epsilon passed as an argument of a jitted function.
+def real_number(value: Any, name: str) -> float:
+  """`value` as a Python float; raises `TypeError` unless it is a concrete real number.
+
+  Accepted: Python and NumPy reals (ints and floats) and concrete 0-d real
+  arrays. Rejected, by name: bools (``True`` is not a hyperparameter value),
+  strings (``"1e-3"`` would be parsed, hiding a configuration bug), complex
+  numbers, arrays of other shapes, and traced values (a hyperparameter must
+  be known at trace time).
+
+  Example:
+    >>> import numpy as np
+    >>> from jaxnorm._validation import real_number
+    >>> real_number(1e-3, "epsilon")
+    0.001
+  """
+  if isinstance(value, (bool, np.bool_)) or not (
+      isinstance(value, numbers.Real) or (_is_array(value) and np.ndim(value) == 0)
+  ):
+    raise TypeError(f"`{name}` must be a real number (a Python or NumPy int or float), got {value!r}.")
+  if _is_array(value):
+    dtype = np.dtype(value.dtype)
+    if dtype == np.bool_ or not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
+      raise TypeError(f"`{name}` must be a real number, got an array of dtype {dtype}.")
+    if isinstance(value, jax.core.Tracer):
+      # The usual cause: a hyperparameter passed as an argument of a jitted function.
       raise TypeError(
-          f"`epsilon` must be a Python number, got a traced value ({type(epsilon).__name__}): it "
-          "is a constant of the compiled program, not an input. Mark it static, e.g. "
-          '`jax.jit(f, static_argnames="epsilon")`, or close over it instead of passing it as an argument.'
-      ) from None
-    raise TypeError(f"`epsilon` must be a Python number, got {epsilon!r}.") from None
-  if not value > 0:
-    raise ValueError(f"`epsilon` must be > 0, got {epsilon!r}.")
+          f"`{name}` must be a Python number, got a traced value ({type(value).__name__}): it is a constant "
+          f'of the compiled program, not an input. Mark it static, e.g. `jax.jit(f, static_argnames="{name}")`, '
+          "or close over it instead of passing it as an argument."
+      )
+  return float(value)
+
+
+def integer(value: Any, name: str) -> int:
+  """`value` as a Python int; raises `TypeError` unless it is an integer (Python or NumPy), not a bool.
+
+  Example:
+    >>> import numpy as np
+    >>> from jaxnorm._validation import integer
+    >>> integer(np.int64(3), "num_groups")
+    3
+  """
+  if isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"`{name}` must be an int, got the bool {value!r}.")
+  try:
+    return operator.index(value)
+  except TypeError:
+    raise TypeError(f"`{name}` must be an int, got {value!r}.") from None
+
+
+def positive_epsilon(epsilon: Any, dtype: Any = None, name: str = "epsilon") -> float:
+  """`epsilon` as a Python float; raises unless it is a real number that stays > 0 in `dtype`.
+
+  `dtype` is the dtype `epsilon` is added in (the accumulation dtype; float32,
+  the narrowest accumulation dtype, when None). A value below that dtype's
+  smallest normal number, ``jnp.finfo(dtype).tiny`` (1.18e-38 for float32),
+  passes ``> 0`` but is flushed to 0 on CPUs and accelerators, and a constant
+  input then normalizes to NaN: it is rejected, naming the smallest value that
+  works.
+
+  Example:
+    >>> import numpy as np
+    >>> from jaxnorm._validation import positive_epsilon
+    >>> positive_epsilon(1e-5)
+    1e-05
+  """
+  value = real_number(epsilon, name)
+  if not 0 < value < float("inf"):
+    raise ValueError(f"`{name}` must be > 0 and finite, got {epsilon!r}.")
+  dtype = np.dtype(jnp.float32 if dtype is None else dtype)
+  tiny = float(jnp.finfo(dtype).tiny)
+  if value < tiny:
+    raise ValueError(
+        f"`{name}`={epsilon!r} is below the smallest normal {dtype} number and is flushed to 0 in {dtype} "
+        f"(a constant input would give NaN): `{name}` must be >= {tiny:.8g} (jnp.finfo({dtype}).tiny)."
+    )
   return value
+
+
+def momentum(m: Any, name: str = "momentum") -> float | jax.Array:
+  """A running-statistics momentum: a number in [0, 1] as a float, or a real array with every entry in [0, 1].
+
+  Shared by every module with running statistics (linen and nnx), so each
+  rejects the same values. A concrete array is checked entry by entry and
+  returned as is; a traced one cannot be checked at trace time and is returned
+  unchecked. None (torch's cumulative average) is the caller's to handle.
+
+  Example:
+    >>> import numpy as np
+    >>> from jaxnorm._validation import momentum
+    >>> momentum(0.9)
+    0.9
+  """
+  if _is_array(m) and np.ndim(m) > 0:
+    dtype = np.dtype(m.dtype)
+    if dtype == np.bool_ or not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
+      raise TypeError(f"`{name}` must be a real number or a real array, got an array of dtype {dtype}.")
+    if not isinstance(m, jax.core.Tracer):
+      values = np.asarray(m)
+      if not np.all((values >= 0) & (values <= 1)):
+        raise ValueError(f"`{name}` must be in [0, 1], got an array with entries {values.ravel()[:8]!r}.")
+    return m
+  value = real_number(m, name)
+  if not 0 <= value <= 1:
+    raise ValueError(f"`{name}` must be in [0, 1], got {m!r}.")
+  return value
+
+
+def axis_name(name: Any, arg: str = "axis_name") -> Hashable:
+  """`axis_name` in a hashable form: None, one name, or a tuple of names (any sequence of names is accepted).
+
+  `lax.psum` accepts a list of names; the ops keep `axis_name` in a static,
+  hashed spec, so a list is turned into the equivalent tuple here.
+
+  Example:
+    >>> import numpy as np
+    >>> from jaxnorm._validation import axis_name
+    >>> axis_name(["data", "model"])
+    ('data', 'model')
+  """
+  if name is None:
+    return None
+  if isinstance(name, Sequence) and not isinstance(name, str):
+    names = tuple(name)
+    for n in names:
+      if not isinstance(n, Hashable) or (isinstance(n, Sequence) and not isinstance(n, str)):
+        raise TypeError(f"`{arg}` must be a name or a sequence of names, got {name!r}.")
+    return names
+  if not isinstance(name, Hashable):
+    raise TypeError(f"`{arg}` must be a name (e.g. a str) or a sequence of names, got {name!r}.")
+  return name
+
+
+def axis_index_groups(groups: Any) -> tuple[tuple[int, ...], ...] | None:
+  """`axis_index_groups` (see `jax.lax.psum`) as a tuple of tuples of ints, hashable like `axis_name`.
+
+  Example:
+    >>> import numpy as np
+    >>> from jaxnorm._validation import axis_index_groups
+    >>> axis_index_groups([[0, 1], [2, 3]])
+    ((0, 1), (2, 3))
+  """
+  if groups is None:
+    return None
+  try:
+    return tuple(tuple(operator.index(i) for i in group) for group in groups)
+  except TypeError:
+    raise TypeError(
+        f"`axis_index_groups` must be a sequence of sequences of device indices, got {groups!r}."
+    ) from None
+
+
+def state_shape(value: Any, shape: tuple[int, ...], name: str, owner: str | None = None) -> None:
+  """Raises `ValueError` unless a stored state (e.g. a running statistic of a checkpoint) has exactly `shape`.
+
+  Example:
+    >>> import numpy as np
+    >>> from jaxnorm._validation import state_shape
+    >>> state_shape(np.zeros(4), (4,), "batch_stats/mean")
+  """
+  if tuple(np.shape(value)) != tuple(shape):
+    raise ValueError(
+        f"{owner + ': ' if owner else ''}`{name}` has shape {tuple(np.shape(value))}, but this module expects {tuple(shape)} (the shape of its "
+        "features): the variables come from a model of another width or layout."
+    )
+
+
+def _is_array(value: Any) -> bool:
+  return isinstance(value, (np.ndarray, np.generic, jax.Array)) and not isinstance(value, numbers.Real)
 
 
 def parameter(p: Any, shape: tuple[int, ...], name: str, explain: str) -> jax.Array | None:
@@ -99,11 +253,37 @@ def parameter(p: Any, shape: tuple[int, ...], name: str, explain: str) -> jax.Ar
   return p
 
 
+def boolean_mask(mask: Any, name: str = "mask") -> jax.Array | None:
+  """`mask` as a JAX array (None stays None); raises `TypeError`, naming `name`, unless it is boolean.
+
+  Modules take ``mask=`` and hand it to an op's ``where=``; checking it here
+  names the argument the caller actually passed.
+
+  Example:
+    >>> import numpy as np
+    >>> from jaxnorm._validation import boolean_mask
+    >>> boolean_mask(np.array([True, False])).dtype
+    dtype('bool')
+  """
+  if mask is None:
+    return None
+  mask = jnp.asarray(mask)
+  # A mask selects; it does not weigh. An additive attention mask (0 and -1e9)
+  # or a float 0/1 mask cast to bool would read as "all valid" or select the
+  # wrong elements, so anything but bool is refused instead of converted.
+  if mask.dtype != jnp.bool_:
+    raise TypeError(
+        f"`{name}` must be a boolean array (True = valid), got dtype {mask.dtype}; for a 0/1 mask use "
+        f"`{name}.astype(bool)`, for an additive mask (0 and -inf) use `{name} == 0`."
+    )
+  return mask
+
+
 def broadcast_mask(where: Any, shape: tuple[int, ...], name: str = "where") -> jax.Array | None:
-  """`where` as a boolean array of `shape`; raises unless it broadcasts to `shape`."""
+  """`where` as a boolean array of `shape`; raises unless it is boolean and broadcasts to `shape`."""
   if where is None:
     return None
-  where = jnp.asarray(where)
+  where = boolean_mask(where, name)
   try:
     target = jnp.broadcast_shapes(where.shape, shape)
   except ValueError:
@@ -112,7 +292,7 @@ def broadcast_mask(where: Any, shape: tuple[int, ...], name: str = "where") -> j
     raise ValueError(
         f"`{name}` of shape {tuple(where.shape)} does not broadcast to the input shape {tuple(shape)}."
     )
-  return jnp.broadcast_to(where.astype(bool), shape)
+  return jnp.broadcast_to(where, shape)
 
 
 def broadcast_operand(a: Any, shape: tuple[int, ...], name: str) -> jax.Array:

@@ -106,11 +106,12 @@ def weight_norm(
   feature_shape = tuple(v.shape[a] for a in features)
   g = _validation.parameter(g, feature_shape, "g", "the shape of v along feature_axes")
   out_dtype = _validation.output_dtype(dtype, v.dtype)
+  acc = _validation.accumulation_dtype(v.dtype, *(() if g is None else (g.dtype,)))
   spec = _Spec(
       axes=tuple(a for a in range(v.ndim) if a not in features),
-      epsilon=_validation.positive_epsilon(epsilon),
+      epsilon=_validation.positive_epsilon(epsilon, acc),
       out_dtype=out_dtype,
-      acc_dtype=_validation.accumulation_dtype(v.dtype, *(() if g is None else (g.dtype,))),
+      acc_dtype=acc,
   )
   if g is not None:
     g = g.reshape(_validation.keepdims_shape(v.shape, spec.axes))

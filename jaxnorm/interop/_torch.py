@@ -388,9 +388,64 @@ def _kernel(weight: Any) -> Any:
   return _array(weight.permute(*range(2, weight.ndim), 1, 0))
 
 
+def _expected_shapes(module: Any, kind: str) -> dict[str, tuple[int, ...]]:
+  """The shape each entry of the module's state must have, from its constructor arguments."""
+  if kind in ("batch_norm", "instance_norm"):
+    c = (module.num_features,)
+    return {"weight": c, "bias": c, "running_mean": c, "running_var": c, "num_batches_tracked": ()}
+  if kind == "group_norm":
+    return {"weight": (module.num_channels,), "bias": (module.num_channels,)}
+  if kind in ("layer_norm", "rms_norm"):
+    shape = tuple(module.normalized_shape)
+    return {"weight": shape, "bias": shape}
+  out = getattr(module, "out_features", None) or getattr(module, "out_channels", None)
+  if hasattr(module, "in_features"):
+    weight = (out, module.in_features)
+  else:
+    weight = (out, module.in_channels // module.groups, *module.kernel_size)
+  return {"weight": weight, "bias": (out,), "parametrizations.weight.original": weight,
+          "parametrizations.weight.original1": weight, "parametrizations.weight.0._u": (out,)}
+
+
+def _check_state(module: Any, kind: str) -> None:
+  """Shapes and values of the module's state, checked on the way in, naming the key.
+
+  Buffers can be replaced by assignment or ``load_state_dict(strict=False)``
+  without torch checking them; converted unchecked, a wrong width or a NaN
+  counter would only fail later, far from its cause, or silently corrupt the
+  running statistics.
+  """
+  torch = _torch()
+  expected = _expected_shapes(module, kind)
+  for key, tensor in module.state_dict().items():
+    if key in expected and tuple(tensor.shape) != expected[key]:
+      raise ValueError(
+          f"{type(module).__name__} state {key!r} has shape {tuple(tensor.shape)}, but the module's own "
+          f"arguments need {expected[key]} (e.g. a state dict of another width was loaded into it)."
+      )
+  if kind != "batch_norm" or not module.track_running_stats:
+    return
+  for key in ("running_mean", "running_var"):
+    value = getattr(module, key).detach()
+    if not bool(torch.isfinite(value).all()):
+      raise ValueError(f"{type(module).__name__} state {key!r} holds NaN or inf: {value.tolist()}.")
+  if bool((module.running_var.detach() < 0).any()):
+    raise ValueError(f"{type(module).__name__} state 'running_var' holds negative values: "
+                     f"{module.running_var.detach().tolist()}.")
+  steps = module.num_batches_tracked
+  if steps is not None:
+    value = steps.detach().double().item()
+    if not (np.isfinite(value) and value >= 0 and value == int(value) and value <= np.iinfo(np.int32).max):
+      raise ValueError(
+          f"{type(module).__name__} state 'num_batches_tracked' must be a non-negative integer count that fits "
+          f"in int32, got {steps.item()!r}."
+      )
+
+
 def _module_variables(module: Any, convention: str) -> dict[str, dict[str, Any]]:
   kind = _kind(module)
   linen_kwargs_from_torch(module, convention=convention)  # the same checks as for the twin
+  _check_state(module, kind)
   params: dict[str, Any] = {}
   stats: dict[str, Any] = {}
   if kind in ("batch_norm", "instance_norm", "group_norm"):

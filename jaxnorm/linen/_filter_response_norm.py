@@ -60,6 +60,6 @@ class FilterResponseNorm(nn.Module):
         bias,
         tau,
         epsilon=self.epsilon,
-        where=mask,
+        where=_validation.boolean_mask(mask, "mask"),
         dtype=output_dtype(x, scale, bias, tau, dtype=self.dtype),
     )

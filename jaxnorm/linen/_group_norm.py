@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import operator
 from typing import Any
 
 import flax.linen as nn
@@ -25,10 +24,7 @@ def _resolve_num_groups(num_groups: Any, group_size: Any, channels: int) -> int:
     )
   if group_size is None:
     return _group_norm.check_num_groups(num_groups, channels)
-  try:
-    size = operator.index(group_size)
-  except TypeError:
-    raise TypeError(f"`group_size` must be an int or None, got {group_size!r}.") from None
+  size = _validation.integer(group_size, "group_size")
   if size < 1:
     raise ValueError(f"`group_size` must be >= 1, got {size}.")
   if channels % size:
@@ -105,7 +101,7 @@ class GroupNorm(nn.Module):
         num_groups=num_groups,
         spatial_axes=reduction_axes[:-1],
         epsilon=self.epsilon,
-        where=mask,
+        where=_validation.boolean_mask(mask, "mask"),
         axis_name=self.axis_name,
         axis_index_groups=self.axis_index_groups,
         dtype=output_dtype(x, scale, bias, dtype=self.dtype),
@@ -174,7 +170,7 @@ class InstanceNorm(nn.Module):
         param_explain="the shape of x along feature_axes",
         centered=True,
         epsilon=self.epsilon,
-        where=mask,
+        where=_validation.boolean_mask(mask, "mask"),
         axis_name=self.axis_name,
         axis_index_groups=self.axis_index_groups,
         dtype=output_dtype(x, scale, bias, dtype=self.dtype),

@@ -161,6 +161,12 @@ class RunningStatistics:
     self.var = module.variable("batch_stats", "var", lambda s: jnp.ones(s, self.dtype), feature_shape)
     if self.convention == "torch":
       self.num_batches_tracked = module.variable("batch_stats", "num_batches_tracked", lambda: jnp.zeros((), jnp.int32))
+    # Loaded statistics (a checkpoint of another width) would otherwise be
+    # reshaped or broadcast at inference into a wrong answer, or fail deep in XLA.
+    for name, var, shape in (("mean", self.mean, feature_shape), ("var", self.var, feature_shape),
+                             ("num_batches_tracked", self.num_batches_tracked, ())):
+      if var is not None:
+        _validation.state_shape(var.value, shape, f"batch_stats/{name}", self._name())
 
   def _name(self) -> str:
     path = "/".join(str(p) for p in (self.module.scope.path if self.module.scope else ()))
@@ -346,6 +352,4 @@ def _momentum(module: nn.Module, convention: str) -> float | None:
     return None
   if isinstance(m, _ConventionDefault):
     return _MOMENTUM_DEFAULTS[convention]
-  if isinstance(m, (int, float, np.floating, np.integer)) and not 0 <= m <= 1:
-    raise ValueError(f"`momentum` must be in [0, 1], got {m!r}.")
-  return m if isinstance(m, jax.Array) else float(m)
+  return _validation.momentum(m)

@@ -266,6 +266,8 @@ class MeanOnlyBatchNorm(nn.Module):
     feature_shape = tuple(x.shape[a] for a in feature_axes)
     stats_shape = _validation.keepdims_shape(x.shape, reduced)
     ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), feature_shape)
+    _validation.state_shape(ra_mean.value, feature_shape, "batch_stats/mean")
+    momentum = _validation.momentum(self.momentum)
     bias = self.param("bias", self.bias_init, feature_shape, self.param_dtype) if self.use_bias else None
     dtype = output_dtype(x, bias, dtype=self.dtype)
     acc = _validation.accumulation_dtype(x.dtype, *(() if bias is None else (bias.dtype,)))
@@ -282,15 +284,15 @@ class MeanOnlyBatchNorm(nn.Module):
           mask,
           centered=True,
           # At init the mapped axis need not exist yet, as in flax.
-          axis_name=None if self.is_initializing() else self.axis_name,
-          axis_index_groups=self.axis_index_groups,
+          axis_name=None if self.is_initializing() else _validation.axis_name(self.axis_name),
+          axis_index_groups=_validation.axis_index_groups(self.axis_index_groups),
       )
       # Two subtractions: x - shift is exact for x near the mean, so the
       # output keeps float32 precision when |mean| >> spread.
       y = (xa - stats.shift) - stats.offset
       if not self.is_initializing():
         mean = stats.mean.reshape(feature_shape)
-        ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+        ra_mean.value = momentum * ra_mean.value + (1 - momentum) * mean
     if bias is not None:
       y = y + bias.astype(acc).reshape(stats_shape)
     return y.astype(dtype)

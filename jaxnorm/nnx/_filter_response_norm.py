@@ -78,6 +78,6 @@ class FilterResponseNorm(nnx.Module):
         bias,
         tau,
         epsilon=self.epsilon,
-        where=mask,
+        where=_validation.boolean_mask(mask, "mask"),
         dtype=_affine.output_dtype(x, scale, bias, tau, dtype=self.dtype),
     )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,10 +27,7 @@ def _groups(num_features: int, num_groups: Any, group_size: Any) -> tuple[int, i
   if group_size is None:
     groups = _group_norm.check_num_groups(num_groups, num_features)
     return groups, num_features // groups
-  try:
-    size = operator.index(group_size)
-  except TypeError:
-    raise TypeError(f"`group_size` must be an int or None, got {group_size!r}.") from None
+  size = _validation.integer(group_size, "group_size")
   if size < 1 or num_features % size:
     raise ValueError(
         f"`group_size`={size} must be a positive divisor of `num_features`={num_features} "
@@ -134,7 +130,7 @@ class GroupNorm(nnx.Module):
         num_groups=self.num_groups,
         spatial_axes=reduction_axes[:-1],
         epsilon=self.epsilon,
-        where=mask,
+        where=_validation.boolean_mask(mask, "mask"),
         axis_name=self.axis_name,
         axis_index_groups=self.axis_index_groups,
         dtype=_affine.output_dtype(x, scale, bias, dtype=self.dtype),
@@ -222,7 +218,7 @@ class InstanceNorm(nnx.Module):
         param_explain="the shape of x along feature_axes",
         centered=True,
         epsilon=self.epsilon,
-        where=mask,
+        where=_validation.boolean_mask(mask, "mask"),
         axis_name=self.axis_name,
         axis_index_groups=self.axis_index_groups,
         dtype=_affine.output_dtype(x, scale, bias, dtype=self.dtype),

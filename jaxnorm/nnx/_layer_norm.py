@@ -37,7 +37,7 @@ def per_example(module: nnx.Module, x: jax.Array, mask: jax.Array | None, *, cen
       param_explain="the shape of x along feature_axes",
       centered=centered,
       epsilon=module.epsilon,
-      where=mask,
+      where=_validation.boolean_mask(mask, "mask"),
       axis_name=module.axis_name,
       axis_index_groups=module.axis_index_groups,
       dtype=_affine.output_dtype(x, scale, bias, dtype=module.dtype),

@@ -66,6 +66,9 @@ def ema_update(variable: nnx.Variable, batch_value: jax.Array, momentum: float) 
   `nnx.jit` caching and `nnx.scan` carries need. The new value carries no
   gradient: it is state, not an output.
   """
+  # Checked here, at every update, as linen's modules do: the attribute may be
+  # reassigned after construction.
+  momentum = _validation.momentum(momentum)
   old = variable[...]
   new = momentum * old + (1 - momentum) * batch_value.reshape(old.shape)
   variable[...] = lax.stop_gradient(new).astype(old.dtype)
@@ -129,6 +132,7 @@ class BatchStatistics(TrainEvalSwitch, nnx.Module):
       bias_metadata,
       scale_metadata,
   ) -> None:
+    _validation.momentum(momentum)  # at construction too, so a bad value fails before training starts
     # Creation order (statistics, scale key, bias key) is flax.nnx.BatchNorm's.
     shape = (num_features,)
     self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
@@ -165,6 +169,7 @@ class BatchStatistics(TrainEvalSwitch, nnx.Module):
     """
     use_running_average = self._resolve_use_running_average(use_running_average)
     x = _validation.floating_input(x)
+    mask = _validation.boolean_mask(mask, "mask")
     axes = _validation.canonical_axes(self.axis, x.ndim, "axis")
     shape = _affine.feature_shape(x, axes, self.num_features, "axis")
     # flax.nnx's promotion: the input, the statistics and the parameters together.

@@ -211,6 +211,7 @@ class MeanOnlyBatchNorm(TrainEvalSwitch, nnx.Module):
       promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
       rngs: nnx.Rngs,
   ):
+    _validation.momentum(momentum)  # at construction too, so a bad value fails before training starts
     self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
     self.bias = _affine.optional_param(use_bias, bias_init, (num_features,), param_dtype, rngs)
     self.num_features = num_features
@@ -258,7 +259,12 @@ class MeanOnlyBatchNorm(TrainEvalSwitch, nnx.Module):
       y = xa - self.mean[...].astype(acc).reshape(stats_shape)
     else:
       stats = _moments.compute(
-          xa, reduced, mask, centered=True, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups
+          xa,
+          reduced,
+          mask,
+          centered=True,
+          axis_name=_validation.axis_name(self.axis_name),
+          axis_index_groups=_validation.axis_index_groups(self.axis_index_groups),
       )
       # Two subtractions: x - shift is exact for x near the mean, so the
       # output keeps float32 precision when |mean| >> spread.
