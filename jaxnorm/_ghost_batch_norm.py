@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import operator
 from typing import Any
 
 import jax
@@ -130,10 +129,7 @@ def ghost_batch_norm(
 
 
 def _virtual_batch_size(v: Any) -> int:
-  try:
-    v = operator.index(v)
-  except TypeError:
-    raise TypeError(f"`virtual_batch_size` must be a Python int, got {v!r}.") from None
+  v = _validation.integer(v, "virtual_batch_size")
   if v < 1:
     raise ValueError(f"`virtual_batch_size` must be >= 1, got {v}.")
   return v

@@ -13,7 +13,6 @@ itself, with group statistics repeated over their channels
 from __future__ import annotations
 
 import math
-import operator
 from typing import Any
 
 import jax
@@ -33,10 +32,7 @@ def _channels_last(x: jax.Array, op: str, min_ndim: int, layout: str) -> None:
 
 def check_num_groups(num_groups: Any, channels: int) -> int:
   """`num_groups` as an int; raises unless it is an integer >= 1 that divides `channels`."""
-  try:
-    groups = operator.index(num_groups)
-  except TypeError:
-    raise TypeError(f"`num_groups` must be an int, got {num_groups!r}.") from None
+  groups = _validation.integer(num_groups, "num_groups")
   if groups < 1:
     raise ValueError(f"`num_groups` must be >= 1, got {groups}.")
   if channels % groups:
