@@ -43,7 +43,10 @@ costs one fused elementwise pass and saves a full-size residual. The backward
 is written in `jax.numpy`, so it is differentiable again: grad-of-grad and
 `jax.jacrev(jax.jacrev(f))` work.
 
-How it is laid out for XLA. Reading memory is cheap next to writing it, so
+How it is laid out for XLA. One jaxpr serves every backend; what differs is
+chosen when it is lowered (`_platform`): XLA:GPU and XLA:TPU get one-pass
+statistics (`_moments._one_pass`) and no private copies, XLA:CPU gets what
+follows. On XLA:CPU reading memory is cheap next to writing it, so
 the compiled programs write nothing full-size but their output (`y`, or `dx`
 with the parameter gradients); `tests/test_fused_programs.py` checks it on
 the optimized HLO. Every full-size term (:math:`x - \text{shift}`,
