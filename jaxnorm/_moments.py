@@ -1,8 +1,11 @@
 """Stable, maskable, device-exact statistics: the one place moments are computed.
 
-The variance is always taken from deviations about an estimate of the mean
-(two passes over the data), never as ``E[x^2] - E[x]^2``, which cancels
-catastrophically in float32 once ``|mean| >> std``. Across devices the merge is
+The variance is always taken from deviations, never as ``E[x^2] - E[x]^2``,
+which cancels catastrophically in float32 once ``|mean| >> std``: on the CPU
+from deviations about a first estimate of the mean (`_two_pass`), on GPU and
+TPU, which fuse sibling reductions into one pass over the data, from
+deviations about one element of each group (`_one_pass`, with its error
+bound). Across devices the merge is
 exact for unequal numbers of valid elements: the counts and sums are summed
 first (one stacked collective), which gives the global mean; the sums of
 deviations from that global mean and of their squares are summed next (a
@@ -280,7 +283,8 @@ def moments(
   where `S` holds the positions selected by `where` (all of them by default)
   on this device and, with `axis_name`, on every device of that mapped axis
   (or of its `axis_index_groups`), and `n = |S|`. The variance is computed
-  from deviations about the mean, never as ``E[x^2] - E[x]^2``, and both
+  from deviations (about the mean on the CPU, about one element of each group
+  on GPU and TPU), never as ``E[x^2] - E[x]^2``, and both
   statistics are accumulated in at least float32. Masked-out elements may hold
   NaN or inf: they reach neither the statistics nor their gradients. A group
   with no valid element gets mean 0 and variance 0.
