@@ -37,6 +37,29 @@ def _barrier_texts(target, sharding):
   return found
 
 
+def _exported_for_all(target, sharding):
+  """Kernels of layer norm's programs exported once for cpu, cuda and tpu, then compiled for `target`."""
+  from jax import export  # noqa: PLC0415
+
+  case = bench.Case("layer_norm", (8192, 1024), "float32")
+  apply = bench.jax_applies(case.op, jnp.zeros(case.shape, jnp.float32))["jaxnorm"]
+  abstract = [jax.ShapeDtypeStruct(case.shape, jnp.float32), *[jax.ShapeDtypeStruct(case.shape[-1:], jnp.float32)] * 2]
+  placed = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding) for a in abstract]
+  out = {}
+  for mode, fn, args in (
+      ("fwd", jax.jit(apply), abstract),
+      ("fwd_bwd", _timing.loss_grad(apply, 2), [*abstract, abstract[0]]),
+  ):
+    exported = export.export(fn, platforms=("cpu", "cuda", "tpu"))(*args)
+    extra = [placed[0]] if mode == "fwd_bwd" else []
+    compiled = jax.jit(exported.call).lower(*placed, *extra).compile()
+    out[mode] = {
+        "barrier": "opt-barrier" in compiled.as_text(),
+        "kernels": bench_targets.read_program(compiled, 8192 * 1024)["kernels"],
+    }
+  return out
+
+
 def _with_cpu_barriers_everywhere(fn):
   """Runs `fn` with the private copies lowered as on the CPU (with their barriers) on every platform: the control."""
   from jax.interpreters import mlir  # noqa: PLC0415
@@ -56,7 +79,7 @@ def _with_cpu_barriers_everywhere(fn):
 
 
 def main(path):
-  out = {"cases": {}, "barriers": {}, "control": {}}
+  out = {"cases": {}, "barriers": {}, "control": {}, "exported": {}}
   goal_cases = [c for c in bench.cases(bench.FULL) if c.shape in GOAL_SHAPES]
   for target in TARGETS:
     sharding = bench_targets.device_sharding(target)
@@ -65,6 +88,7 @@ def main(path):
       record["goals"] = bench_targets.goals(record, target)
       out["cases"][f"{target}:{case.name}"] = record
     out["barriers"][target] = _barrier_texts(target, sharding)
+    out["exported"][target] = _exported_for_all(target, sharding)
     control_case = next(c for c in goal_cases if c.name == "layer_norm/f32/8192x1024")
 
     def control():

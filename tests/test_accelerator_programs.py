@@ -149,3 +149,13 @@ def test_control_the_checks_catch_a_barrier(programs, target):
   assert not control["goals"]["fwd_bwd"]["kernels"]
   normal = programs["cases"][f"{target}:layer_norm/f32/8192x1024"]["results"]["jaxnorm"]["fwd_bwd"]["kernels"]
   assert control["results"]["jaxnorm"]["fwd_bwd"]["kernels"] > normal
+
+
+@pytest.mark.parametrize("target", ["h100", "a100", "tpu-v5e"])
+def test_one_export_for_every_platform_compiles_to_each_ones_program(programs, target):
+  # jax.export with platforms=("cpu", "cuda", "tpu"), compiled for the target:
+  # the target's own branch, the same kernels as compiling for it directly.
+  direct = programs["cases"][f"{target}:layer_norm/f32/8192x1024"]["results"]["jaxnorm"]
+  for mode, got in programs["exported"][target].items():
+    assert not got["barrier"], mode
+    assert got["kernels"] == direct[mode]["kernels"], (mode, got, direct[mode])
