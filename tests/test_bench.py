@@ -23,7 +23,8 @@ import numpy as np
 import pytest
 
 import jaxnorm
-from jaxnorm import bench, cli
+from jaxnorm import cli
+from jaxnorm.cli import bench
 
 
 def _close(a: float, b: float) -> bool:

@@ -35,7 +35,7 @@ jaxnorm default everywhere (1e-5 for batch norm, else 1e-6), which is also
 flax's.
 
 Time: every implementation and mode, plus a copy of `x`, takes turns run by
-run after warm-up (`jaxnorm._timing.interleaved_samples`), with a 10 ms pause
+run after warm-up (`jaxnorm.cli._timing.interleaved_samples`), with a 10 ms pause
 before each timed call so that the previous implementation's worker threads
 (XLA's, torch's OpenMP threads) are idle and do not steal the 2 cores of a
 small machine; the median and the quartiles and range of the runs are
@@ -69,7 +69,7 @@ batch norm's statistics span the whole batch, so a backward that cannot keep
 
 This module is a user of the public API: it imports `jaxnorm`'s public names,
 flax, optionally torch, and the timing helpers it shares with `jaxnorm check`
-(`jaxnorm._timing`).
+(`jaxnorm.cli._timing`).
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxnorm
-from jaxnorm import _timing
+from jaxnorm.cli import _timing
 
 SCHEMA = "jaxnorm-bench/1"
 IMPLEMENTATIONS = ("jaxnorm", "flax", "flax_exact", "plain_jnp", "torch")
