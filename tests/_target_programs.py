@@ -11,7 +11,8 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from jaxnorm import _platform, _timing, bench, bench_targets
+from jaxnorm import _platform
+from jaxnorm.cli import _timing, bench, bench_targets
 
 TARGETS = ("h100", "a100", "tpu-v5e")
 GOAL_SHAPES = ((8192, 1024), (64, 32, 32, 128))

@@ -5,7 +5,7 @@ plugins change which backends JAX finds), every benchmark case of the
 accelerator goals for each target: jaxnorm, flax.linen (default and exact
 variance) and the textbook formula, forward and forward+backward, and reads
 kernels, bytes accessed (GPU) and estimated cycles (TPU) from the optimized
-programs (`jaxnorm.bench_targets`). The goals (`bench_targets.goals`): kernels
+programs (`jaxnorm.cli.bench_targets`). The goals (`bench_targets.goals`): kernels
 at most flax default's; GPU bytes at most the least of the three peers; TPU
 cycles at most the least of the two exact peers and at most 1.2x flax
 default's; on H100, layer and RMS norm forward one kernel reading `x` once.
@@ -26,7 +26,7 @@ import sys
 
 import pytest
 
-from jaxnorm import bench_targets
+from jaxnorm.cli import bench_targets
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PLUGINS = ("jax_plugins.xla_cuda12", "libtpu")

@@ -23,7 +23,8 @@ import numpy as np
 import pytest
 
 import jaxnorm
-from jaxnorm import bench, cli
+from jaxnorm import cli
+from jaxnorm.cli import bench
 
 
 def _close(a: float, b: float) -> bool:
@@ -180,3 +181,49 @@ def test_residuals_of_the_public_function_match_the_bench_apply():
       jaxnorm.rms_norm, x, s
   )
   assert jax.eval_shape(jaxnorm.rms_norm, x, s).dtype == jnp.float32
+
+
+def test_report_fits_a_100_column_terminal(monkeypatch):
+  # The committed full run: 12 cases, five implementations; its tables are split rather than wrapped.
+  import pathlib
+
+  report = json.loads((pathlib.Path(__file__).parent.parent / "benchmarks" / "latest.json").read_text())
+  monkeypatch.setenv("COLUMNS", "100")
+  text = bench.format_report(report)
+  assert max(len(line) for line in text.splitlines()) <= 100
+  for column in ("jn/flax", "jn/torch", "jn/floor", "torch", "floor", "residual/|x|", "copy GB/s"):
+    assert column in text
+  # Wide terminals get one time table: the ratios beside the times they come from.
+  wide = bench.format_report(report, width=250)
+  assert any("jn/flax" in line and "flax-x" in line and "floor" in line for line in wide.splitlines())
+
+
+def test_plot_titles_in_words(tmp_path, monkeypatch):
+  import pathlib
+
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  report = json.loads((pathlib.Path(__file__).parent.parent / "benchmarks" / "latest.json").read_text())
+  titles = []
+  monkeypatch.setattr(plt.Axes, "set_title", lambda self, t, *a, **k: titles.append(t))
+  bench.plot(report, str(tmp_path / "p.png"))
+  assert titles == ["forward", "forward + backward"]
+  assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_default_output_goes_into_a_folder(tmp_path):
+  # No --out: the files go into ./jaxnorm-out/, created, and the run says so.
+  proc = subprocess.run(
+      [sys.executable, "-m", "jaxnorm", "bench", "--quick", "--cases", "rms_norm/f32", "--plot", "none"],
+      capture_output=True,
+      text=True,
+      timeout=180,
+      cwd=tmp_path,
+  )
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["jaxnorm-out"]
+  assert (tmp_path / "jaxnorm-out" / "bench.json").is_file()
+  assert "wrote jaxnorm-out/bench.json" in proc.stdout

@@ -1,4 +1,4 @@
-"""jaxnorm.analysis.bench_records and load_bench_report, on a real (one-case, quick) `jaxnorm.bench` report.
+"""jaxnorm.analysis.bench_records and load_bench_report, on a real (one-case, quick) `jaxnorm.cli.bench` report.
 
 The records must restate the report: every implementation and mode present,
 the normalized measures equal to the quotients of the raw ones computed here,
@@ -13,7 +13,7 @@ import math
 
 import pytest
 
-from jaxnorm import bench
+from jaxnorm.cli import bench
 from jaxnorm.analysis import bench_records, load_bench_report
 from jaxnorm.analysis._bench_report import BENCH_SCHEMA
 

@@ -53,7 +53,7 @@ def test_no_command_runs_the_tour(monkeypatch):
 
 
 def test_failed_accuracy_row_fails_the_report():
-  from jaxnorm import selfcheck
+  from jaxnorm.cli import selfcheck
 
   def row(name, rel, counts=True, wrong_dtype=""):
     return selfcheck.AccuracyRow(name, (2, 3), rel, rel, rel, 1e-4, counts, wrong_dtype)
@@ -64,3 +64,51 @@ def test_failed_accuracy_row_fails_the_report():
   for bad_row in (row("rms_norm", 1e-3), row("rms_norm", 0.0, wrong_dtype="got float64")):
     bad = selfcheck.Report(["header"], [row("layer_norm", 1e-7), bad_row], [], 1.0)
     assert not bad.passed and "FAILED: rms_norm" in selfcheck.format_report(bad)
+
+
+HELP_WITHOUT_JAX = """
+import runpy, sys
+sys.argv = ["jaxnorm", *sys.argv[1:]]
+try:
+  runpy.run_module("jaxnorm", run_name="__main__")
+except SystemExit:
+  pass
+print("loaded:", sorted(m for m in ("jax", "flax", "numpy") if m in sys.modules))
+"""
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["tour", "--help"], ["bench", "--help"], ["--quick", "--help"]])
+def test_help_does_not_import_jax(argv):
+  # `python -m jaxnorm --help` as a user runs it: the package and the parser only, no JAX (seconds to load).
+  proc = subprocess.run([sys.executable, "-c", HELP_WITHOUT_JAX, *argv], capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 0, proc.stderr
+  assert "usage: jaxnorm" in proc.stdout
+  assert proc.stdout.strip().splitlines()[-1] == "loaded: []", proc.stdout
+
+
+def test_default_command_takes_its_options_without_its_name(monkeypatch):
+  seen = []
+  monkeypatch.setitem(cli._COMMANDS, "tour", (cli._COMMANDS["tour"][0], lambda args: seen.append(args) or 0))
+  assert cli.main(["--quick", "--steps", "10"]) == 0
+  assert seen[0].command == "tour" and seen[0].quick and seen[0].steps == 10
+
+
+def test_ctrl_c_ends_with_one_line(monkeypatch, capsys):
+  def interrupted(args):
+    raise KeyboardInterrupt
+
+  monkeypatch.setitem(cli._COMMANDS, "tour", (cli._COMMANDS["tour"][0], interrupted))
+  assert cli.main(["--quick"]) == 130
+  assert capsys.readouterr().err.strip() == "jaxnorm tour: interrupted"
+
+
+def test_package_root_holds_the_library_only():
+  # The command-line programs live in jaxnorm/cli/, not beside the library's modules.
+  import pathlib
+
+  import jaxnorm
+
+  root = pathlib.Path(jaxnorm.__file__).parent
+  programs = {"tour.py", "bench.py", "bench_targets.py", "selfcheck.py", "_timing.py", "cli.py"}
+  assert not programs & {p.name for p in root.glob("*.py")}
+  assert (root / "cli" / "gpu_targets" / "h100_sxm.txtpb").is_file()

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 import jaxnorm
-from jaxnorm import _timing, bench
+from jaxnorm.cli import _timing, bench
 
 ROWS = (512, 256)
 IMAGES = (4, 8, 8, 64)

@@ -1,6 +1,6 @@
-r"""The report of `jaxnorm bench` (its JSON) as flat records, one per case, implementation and mode.
+r"""The report of `jaxnorm.cli.bench` (its JSON) as flat records, one per case, implementation and mode.
 
-`jaxnorm bench` nests its measures as ``cases[i].results[implementation][mode]``
+`jaxnorm.cli.bench` nests its measures as ``cases[i].results[implementation][mode]``
 with the floor and the copy bandwidth beside them. For plotting and tables a
 flat list is handier; `bench_records` also derives the normalized measures:
 
@@ -11,7 +11,7 @@ flat list is handier; `bench_records` also derives the normalized measures:
     \text{residual\_over\_x} = \frac{\text{residual bytes}}{|x|},
 
 `t` the median time of the mode, the floor the bytes the program must move
-over the measured copy bandwidth (see `jaxnorm.bench`), and the residual bytes
+over the measured copy bandwidth (see `jaxnorm.cli.bench`), and the residual bytes
 what the implementation keeps from the forward for the backward pass. A
 measure the report lacks (torch has no XLA cost analysis; an implementation
 that was skipped) is None.
@@ -57,10 +57,10 @@ def _div(a: float | None, b: float | None) -> float | None:
 
 
 def bench_records(report: dict[str, Any]) -> list[dict[str, Any]]:
-  """One flat record per case, implementation and mode of a `jaxnorm bench` report.
+  """One flat record per case, implementation and mode of a `jaxnorm.cli.bench` report.
 
   Args:
-    report: the dict `jaxnorm.bench.run` returns or `load_bench_report` reads.
+    report: the dict `jaxnorm.cli.bench.run` returns or `load_bench_report` reads.
 
   Returns:
     a list of dicts with the keys ``case, op, dtype, shape, x_bytes,

@@ -19,6 +19,7 @@ import gc
 import importlib.metadata
 import os
 import platform
+import shutil
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -157,15 +158,60 @@ def machine_lines(title: str) -> list[str]:
   ]
 
 
-def table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[bool]) -> list[str]:
-  """Aligned plain-text lines: header, rule, rows; `right[i]` right-aligns column i."""
+def terminal_width() -> int:
+  """The terminal's width in columns (`COLUMNS` when set; 100 when not a terminal, e.g. in a pipe or a test)."""
+  return shutil.get_terminal_size((100, 24)).columns
+
+
+def table(
+    headers: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    right: Sequence[bool],
+    width: int | None = None,
+    keep: int = 1,
+) -> list[str]:
+  """Aligned plain-text lines: header, rule, rows; `right[i]` right-aligns column i.
+
+  A table wider than `width` (default: the terminal's) is split into several,
+  one below the other, each repeating the first `keep` columns (the row's
+  name), so that no line wraps.
+
+  Example:
+    >>> print("\\n".join(table(["case", "a", "b"], [["x", "1", "2"]], [False, True, True], width=12)))
+    case  a  b
+    ----  -  -
+    x     1  2
+    >>> print("\\n".join(table(["case", "aaaa", "bbbb"], [["x", "1", "2"]], [False, True, True], width=12)))
+    case  aaaa
+    ----  ----
+    x        1
+    <BLANKLINE>
+    case  bbbb
+    ----  ----
+    x        2
+  """
+  width = terminal_width() if width is None else width
   widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
+  # Greedy groups of the other columns, each as wide as fits beside the kept ones (at least one column).
+  groups: list[list[int]] = []
+  used = sum(widths[:keep]) + 2 * max(keep - 1, 0)
+  for i in range(keep, len(headers)):
+    if groups and used + sum(2 + widths[j] for j in groups[-1]) + 2 + widths[i] <= width:
+      groups[-1].append(i)
+    else:
+      groups.append([i])
+  lines: list[str] = []
+  for group in groups or [[]]:
+    columns = [*range(keep), *group]
 
-  def line(cells):
-    out = [c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, widths, right)]
-    return "  ".join(out).rstrip()
+    def line(cells, columns=columns):
+      out = [cells[i].rjust(widths[i]) if right[i] else cells[i].ljust(widths[i]) for i in columns]
+      return "  ".join(out).rstrip()
 
-  return [line(headers), "  ".join("-" * w for w in widths), *(line(r) for r in rows)]
+    if lines:
+      lines.append("")
+    lines += [line(headers), "  ".join("-" * widths[i] for i in columns), *(line(r) for r in rows)]
+  return lines
 
 
 def shape_str(shape: Sequence[int]) -> str:

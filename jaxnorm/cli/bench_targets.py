@@ -1,7 +1,7 @@
 """Compile-only benchmark targets: what XLA makes of each case for a GPU or TPU that is not attached.
 
 ``jaxnorm bench --target h100`` (or ``a100``, ``tpu-v5e``, ``tpu-v4``)
-compiles the benchmark's cases (`jaxnorm.bench.cases`) for that device
+compiles the benchmark's cases (`jaxnorm.cli.bench.cases`) for that device
 without the device ("deviceless" compilation: the whole XLA pipeline runs,
 nothing executes) and reads the optimized programs:
 
@@ -23,7 +23,7 @@ The compiler plugins are separate packages: ``jax-cuda12-plugin`` and
 each at exactly the installed jax's version. `require` says what to install
 when one is missing. Install them in an environment of their own, or run
 with ``JAX_PLATFORMS=cpu``: with the CUDA plugin present, JAX looks for a GPU
-at start-up. The GPU target configs (`gpu_target_config`, files in ``jaxnorm/gpu_targets/``) carry the values of
+at start-up. The GPU target configs (`gpu_target_config`, files in ``jaxnorm/cli/gpu_targets/``) carry the values of
 XLA's own device descriptions (``xla/tools/hlo_opt/gpu_specs/`` in
 openxla/xla): H100 SXM (sm_90, which fuses whole normalizations into one
 Triton kernel) and A100 (sm_80).
@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxnorm import _timing, bench
+from jaxnorm.cli import _timing, bench
 
 TARGETS = ("h100", "a100", "tpu-v5e", "tpu-v4")
 TPU_TOPOLOGIES = {"tpu-v5e": "v5e:2x2", "tpu-v4": "TPU v4:2x2x1"}
@@ -55,7 +55,7 @@ GPU_TARGET_FILES = {"h100": "h100_sxm.txtpb", "a100": "a100.txtpb"}
 
 def gpu_target_config(target: str) -> str:
   """The GpuTargetConfig text proto of a GPU target."""
-  return importlib.resources.files("jaxnorm").joinpath("gpu_targets", GPU_TARGET_FILES[target]).read_text()
+  return importlib.resources.files("jaxnorm.cli").joinpath("gpu_targets", GPU_TARGET_FILES[target]).read_text()
 
 
 # Entry-computation ops that launch no work of their own.

@@ -15,7 +15,7 @@ reported.
 
 This module is a user of the public API: it imports only `jaxnorm`'s public
 names, flax, and the timing helpers it shares with `jaxnorm bench`
-(`jaxnorm._timing`).
+(`jaxnorm.cli._timing`).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxnorm
-from jaxnorm import _timing
+from jaxnorm.cli import _timing
 
 RTOL = 1e-4
 STABILITY_OFFSET = 1e4
