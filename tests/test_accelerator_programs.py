@@ -18,6 +18,7 @@ goals then fail.
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import json
 import os
@@ -66,25 +67,47 @@ KNOWN_MISSES = {
 
 
 @pytest.fixture(scope="module")
-def programs(tmp_path_factory):
+def programs(tmp_path_factory, worker_id):
   missing = [p for p in PLUGINS if importlib.util.find_spec(p) is None]
   if missing:
     if os.environ.get("CI"):
       pytest.fail(f"the test extra installs the compiler plugins, but {missing} are missing")
     pytest.skip(f"compiler plugins not installed ({missing}): pip install '.[test]'")
-  path = tmp_path_factory.mktemp("targets") / "programs.json"
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_SKIP_CUDA_CONSTRAINTS_CHECK": "1", "JAX_ENABLE_X64": "0"}
+  # Under pytest-xdist this module's tests are spread over the workers: the
+  # first one to get here compiles, the others wait for its file (the folder
+  # above a worker's temporary folder is the session's, shared by all).
+  root = tmp_path_factory.getbasetemp()
+  if worker_id != "master":
+    root = root.parent
+  path = root / "accelerator_programs.json"
+  with open(root / "accelerator_programs.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not path.exists():
+      _compile_for_targets(path)
+  with open(path) as f:
+    return json.load(f)
+
+
+def _compile_for_targets(path):
+  env = {
+      **os.environ,
+      "JAX_PLATFORMS": "cpu",
+      "JAX_SKIP_CUDA_CONSTRAINTS_CHECK": "1",
+      "JAX_ENABLE_X64": "0",
+      # libtpu locks /tmp/libtpu_lockfile against a second process using the
+      # TPU; compiling uses none, and another test session may be compiling too.
+      "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
+  }
   # Quiet: about 40 s. The bound only guards against a hang.
   proc = subprocess.run(
-      [sys.executable, os.path.join(HERE, "_target_programs.py"), str(path)],
+      [sys.executable, os.path.join(HERE, "_target_programs.py"), str(path) + ".partial"],
       env=env,
       capture_output=True,
       text=True,
       timeout=900,
   )
   assert proc.returncode == 0, proc.stderr[-4000:]
-  with open(path) as f:
-    return json.load(f)
+  os.replace(str(path) + ".partial", path)
 
 
 def _goal_cases():

@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from jaxnorm import bench_targets, cli
+from jaxnorm import cli
+from jaxnorm.cli import bench_targets
 
 
 @pytest.mark.parametrize("target,package", [("h100", "jax-cuda12-plugin"), ("tpu-v5e", "jax[tpu]")])

@@ -101,7 +101,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
           "compile every case for this GPU or TPU without the device and report XLA's figures for the optimized "
           "programs (kernels, bytes accessed or estimated cycles, temporaries; nothing runs, no timing). Needs "
           "the compiler plugin at this jax's version: jax-cuda12-plugin and jax-cuda12-pjrt (GPU) or libtpu "
-          "(TPU, via jax[tpu]); run with JAX_PLATFORMS=cpu"
+          "(TPU, via jax[tpu])"
       ),
   )
   p.add_argument(
@@ -163,7 +163,12 @@ def _run_bench(args: argparse.Namespace) -> int:
 
 def _run_bench_target(args: argparse.Namespace) -> int:
   import json  # noqa: PLC0415
+  import os  # noqa: PLC0415
 
+  # Compile-only: the host stays the CPU, and JAX must not look for a GPU at
+  # start-up (set before JAX is first imported; a user's own setting wins).
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
   from jaxnorm.cli import bench_targets  # noqa: PLC0415
 
   try:

@@ -21,9 +21,10 @@ nothing executes) and reads the optimized programs:
 The compiler plugins are separate packages: ``jax-cuda12-plugin`` and
 ``jax-cuda12-pjrt`` for the GPU targets, ``libtpu`` (``jax[tpu]``) for TPU,
 each at exactly the installed jax's version. `require` says what to install
-when one is missing. Install them in an environment of their own, or run
-with ``JAX_PLATFORMS=cpu``: with the CUDA plugin present, JAX looks for a GPU
-at start-up. The GPU target configs (`gpu_target_config`, files in ``jaxnorm/cli/gpu_targets/``) carry the values of
+when one is missing. The command sets ``JAX_PLATFORMS=cpu`` (unless already
+set) before JAX starts: with the CUDA plugin present, JAX would look for a GPU
+at start-up. The shift gather of the one-pass statistics (a slice of `x`)
+counts as a full-size pass, since it reads from `x` in HBM. The GPU target configs (`gpu_target_config`, files in ``jaxnorm/cli/gpu_targets/``) carry the values of
 XLA's own device descriptions (``xla/tools/hlo_opt/gpu_specs/`` in
 openxla/xla): H100 SXM (sm_90, which fuses whole normalizations into one
 Triton kernel) and A100 (sm_80).
@@ -96,8 +97,7 @@ def require(target: str) -> None:
   if missing:
     raise RuntimeError(
         f"--target {target} compiles with XLA's {'TPU' if is_tpu(target) else 'CUDA'} compiler, which is not "
-        f"installed. Install it at this jax's version ({install}; about 200 MB, no device needed) and run with "
-        "JAX_PLATFORMS=cpu."
+        f"installed. Install it at this jax's version ({install}; about 200 MB, no device needed)."
     )
 
 
