@@ -34,24 +34,6 @@ if TYPE_CHECKING:  # the eager imports, for type checkers and IDEs
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "batch_norm",
-    "batch_renorm",
-    "batch_renorm_schedule",
-    "dyt",
-    "filter_response_norm",
-    "ghost_batch_norm",
-    "group_norm",
-    "instance_norm",
-    "layer_norm",
-    "local_response_norm",
-    "moments",
-    "normalize",
-    "rms_norm",
-    "spectral_norm",
-    "Standardizer",
-    "weight_norm",
-]
 
 
 # Public name -> the private module that defines it.
@@ -73,6 +55,7 @@ _SOURCES = {
     "Standardizer": "_standardizer",
     "weight_norm": "_weight_norm",
 }
+__all__ = list(_SOURCES)
 
 
 def __getattr__(name: str):
