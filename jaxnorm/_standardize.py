@@ -236,15 +236,11 @@ def _bwd(spec: Spec, residuals, g):
     d_bias = None if bias is None else _reduce_to(cotangent(7) * (rstd * 0 + 1), bias.shape)
   sums = _moments.sum_across(sums, spec.axis_name, spec.axis_index_groups)
   inv_n = 1 / jnp.maximum(count, 1)
-  # dx = r (h - x-hat <h x-hat>/N - <h>/N), with x-hat = (d - offset) r and
-  # d = x - shift, is  r h - (b d + c)  for per-group b and c: two products
-  # and two additions per element, as an autodiff backward has.
-  b = rstd * rstd * (sums[0] * inv_n)
-  c = rstd * (sums[1] * inv_n) - b * offset if spec.centered else None
-  d, (b,) = _deviation(6, x, mask, shift, acc, b)
-  correction = b * d if c is None else b * d + c
+  correction = xhat(6) * (sums[0] * inv_n)
+  if spec.centered:
+    correction = correction + sums[1] * inv_n
   # Only valid positions move the statistics, so only they get the correction.
-  dx = rstd * h(6) - _moments.masked_zero(correction, mask)
+  dx = rstd * (h(6) - _moments.masked_zero(correction, mask))
   x6 = _platform.private_copies(6, x)[0]
   dx = _moments.masked_zero(dx, _readable(x6, mask))
   d_scale = None if d_scale is None else d_scale.astype(scale.dtype)
