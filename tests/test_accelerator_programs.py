@@ -38,8 +38,9 @@ PLUGINS = ("jax_plugins.xla_cuda12", "libtpu")
 # default program has as many other kernels as ours, that is one kernel more.
 SHIFT = "one kernel more: the gather of the shift, a slice of 1/1024 of x or less"
 # RMS norm's backward is flax's program kernel for kernel; XLA's cost model
-# gives ours one per-row vector more (32 KB of 168 MB) or 0.06% more cycles.
-RMS_TIE = "RMS norm backward: the same kernels as flax, within 0.06% of its cost"
+# gives ours one per-row vector more (32 KB of 85-168 MB) or 0.1% more TPU
+# cycles (one more subtraction per element in the dx kernel).
+RMS_TIE = "RMS norm backward: the same kernels as flax, within 0.1% of its cost"
 # On CUDA the forward of a layer norm uses the two-pass formula, which H100
 # fuses into one Triton kernel reading x once (a goal); A100 has no such
 # fusion and gets the exact-variance program, one pass more than flax default.
@@ -59,8 +60,8 @@ KNOWN_MISSES = {
     ("h100", "rms_norm/f32/8192x1024", "fwd_bwd"): (RMS_TIE, 0, 1.001),
     ("a100", "rms_norm/f32/8192x1024", "fwd_bwd"): (RMS_TIE, 0, 1.001),
     ("a100", "rms_norm/bf16/8192x1024", "fwd_bwd"): (RMS_TIE, 0, 1.001),
-    ("tpu-v5e", "rms_norm/f32/8192x1024", "fwd_bwd"): (RMS_TIE, 0, 1.001),
-    ("tpu-v5e", "rms_norm/bf16/8192x1024", "fwd_bwd"): (RMS_TIE, 0, 1.001),
+    ("tpu-v5e", "rms_norm/f32/8192x1024", "fwd_bwd"): (RMS_TIE, 0, 1.002),
+    ("tpu-v5e", "rms_norm/bf16/8192x1024", "fwd_bwd"): (RMS_TIE, 0, 1.002),
     ("a100", "layer_norm/f32/8192x1024", "fwd"): (A100_LN, 2, 1.34),
     ("a100", "layer_norm/bf16/8192x1024", "fwd"): (A100_LN, 2, 1.34),
 }
