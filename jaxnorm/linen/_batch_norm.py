@@ -151,6 +151,9 @@ class BatchNorm(nn.Module):
         axis_name=None if self.is_initializing() else self.axis_name,
         axis_index_groups=self.axis_index_groups,
         dtype=dtype,
+        # flax's init computes without `axis_name`; a per-example (rank-1)
+        # input under vmap then has no batch axis, and that must not fail.
+        _no_batch_axis_ok=self.is_initializing(),
     )
     running.update(mean, var, count)
     return y
