@@ -12,6 +12,7 @@ instead is wrong whenever devices hold different numbers of valid elements.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -98,7 +99,29 @@ def masked_zero(x: jax.Array, mask: jax.Array | None) -> jax.Array:
   return x if mask is None else jnp.where(mask, x, jnp.zeros((), x.dtype))
 
 
-def group_sum(a: jax.Array, axes: tuple[int, ...], channel_groups: int | None = None) -> jax.Array:
+def any_valid(
+    mask: jax.Array | None, shape: tuple[int, ...], feature_axes: tuple[int, ...], axis_name: AxisName = None,
+    axis_index_groups: Any = None,
+) -> jax.Array | None:
+  """Whether each feature has a valid value: `mask` (broadcastable to `shape`) reduced over the non-feature axes.
+
+  Taken over the devices of `axis_name` too. None without a mask (every
+  feature is valid). Running-statistics updates leave features without a
+  valid value unchanged (their batch mean and variance are 0 by convention).
+  """
+  if mask is None:
+    return None
+  mask = jnp.broadcast_to(mask, shape)
+  reduced = tuple(a for a in range(len(shape)) if a not in feature_axes)
+  count = jnp.sum(mask, reduced, dtype=jnp.int32)
+  if axis_name is not None:
+    count = lax.psum(count, axis_name, axis_index_groups=axis_index_groups)
+  return count > 0
+
+
+def group_sum(
+    a: jax.Array, axes: tuple[int, ...], channel_groups: int | None = None, portable: bool = False
+) -> jax.Array:
   """Sums `a` over `axes` and, with `channel_groups` G, over each run of C // G consecutive channels.
 
   The result keeps the shape of `a` with `axes` set to 1; a channel-group sum
@@ -106,11 +129,14 @@ def group_sum(a: jax.Array, axes: tuple[int, ...], channel_groups: int | None = 
   `a` in its own channels-last layout. Group norm is computed this way, not on
   a ``(..., G, C // G)`` view: XLA:CPU's fused reductions and the
   broadcasts of statistics inside them run about twice as fast when the
-  contiguous axis is the full channel axis.
+  contiguous axis is the full channel axis. With `portable`, the sum is the
+  same on every platform (no `lax.platform_dependent`, see `compute`).
   """
   out = jnp.sum(a, axes, keepdims=True) if axes else a
   if channel_groups is None:
     return out
+  if portable:
+    return _channel_group_sum(out, channel_groups)
   # XLA:TPU runs the reshaped sum as a reduce, a broadcast and layout copies,
   # each a kernel of its own; one small matmul does it all.
   return _platform.by_platform(
@@ -146,6 +172,7 @@ def compute(
     dtype: Any = None,
     channel_groups: int | None = None,
     forward_only: bool = False,
+    portable: bool = False,
 ) -> Moments:
   """Moments of `x` over `axes` (and channel groups, see `group_sum`), accumulated in `dtype`.
 
@@ -166,11 +193,17 @@ def compute(
   Hopper into one Triton kernel that reads `x` once (`_one_pass`'s gather of
   the shift stops that fusion). Masked statistics and those merged across
   devices always use `_two_pass`.
+
+  `portable` (the ops' ``custom_vjp=False``, plain autodiff) makes no
+  platform choice: `_two_pass` and the plain channel-group sum everywhere.
+  The choice is a `lax.platform_dependent`, a `cond` when traced, and
+  transformations such as `jax.experimental.jet` (Taylor series), which
+  that path exists for, have no rule for it.
   """
   dtype = x.dtype if dtype is None else dtype
 
   def total_of(a):
-    return group_sum(a, axes, channel_groups)
+    return group_sum(a, axes, channel_groups, portable)
 
   if mask is None:
     n = _static_count(x.shape, axes) * (1 if channel_groups is None else x.shape[-1] // channel_groups)
@@ -183,7 +216,7 @@ def compute(
     count, total = sum_across([count, total], axis_name, axis_index_groups)
     zero = jnp.zeros_like(total)
     return Moments(count, zero, zero, total / jnp.maximum(count, 1))
-  if mask is None and axis_name is None:
+  if mask is None and axis_name is None and not portable:
     def two_pass(x):
       return _two_pass(x, count, axes, None, None, None, dtype, channel_groups)
 
@@ -192,12 +225,12 @@ def compute(
 
     rows = forward_only and axes == (x.ndim - 1,) and channel_groups is None
     return _platform.by_platform(x, cpu=two_pass, cuda=two_pass if rows else one_pass, default=one_pass)
-  return _two_pass(x, count, axes, mask, axis_name, axis_index_groups, dtype, channel_groups)
+  return _two_pass(x, count, axes, mask, axis_name, axis_index_groups, dtype, channel_groups, portable)
 
 
-def _two_pass(x, count, axes, mask, axis_name, axis_index_groups, dtype, channel_groups) -> Moments:
+def _two_pass(x, count, axes, mask, axis_name, axis_index_groups, dtype, channel_groups, portable=False) -> Moments:
   """Centered moments from a first mean estimate and the deviations about it (three reductions over `x`)."""
-  total = group_sum(masked_zero(x.astype(dtype), mask), axes, channel_groups)
+  total = group_sum(masked_zero(x.astype(dtype), mask), axes, channel_groups, portable)
   count, total = sum_across([count, total], axis_name, axis_index_groups)
   inv_count = 1 / jnp.maximum(count, 1)
   # A first estimate of the mean carries the rounding of a large float32 sum
@@ -212,8 +245,8 @@ def _two_pass(x, count, axes, mask, axis_name, axis_index_groups, dtype, channel
     xk, shift_k = _platform.private_copies(tag, x, shift)
     return masked_zero(xk.astype(dtype) - shift_k, mask)
 
-  d_sum = group_sum(deviations(0), axes, channel_groups)
-  d2_sum = group_sum(jnp.square(deviations(1)), axes, channel_groups)
+  d_sum = group_sum(deviations(0), axes, channel_groups, portable)
+  d2_sum = group_sum(jnp.square(deviations(1)), axes, channel_groups, portable)
   d_sum, d2_sum = sum_across([d_sum, d2_sum], axis_name, axis_index_groups)
   offset = d_sum * inv_count
   var = jnp.maximum(d2_sum * inv_count - jnp.square(offset), 0)
@@ -310,10 +343,40 @@ def moments(
   axes = _validation.canonical_axes(axis, x.ndim, "axis")
   mask = _validation.broadcast_mask(where, x.shape)
   acc = _validation.accumulation_dtype(x.dtype)
+  return _moments_program(
+      x,
+      mask,
+      axes=axes,
+      axis_name=_validation.axis_name(axis_name),
+      axis_index_groups=_validation.axis_index_groups(axis_index_groups),
+      dtype=acc,
+      keepdims=keepdims,
+  )
+
+
+# One program, also when called eagerly: its outputs are the statistics alone,
+# so NaN padding in `x` is never the output of an eager operation (which
+# `jax_debug_nans` would flag), and the call dispatches once.
+@functools.partial(jax.jit, static_argnames=("axes", "axis_name", "axis_index_groups", "dtype", "keepdims"))
+def _moments_program(x, mask, *, axes, axis_name, axis_index_groups, dtype, keepdims):
   stats = compute(
-      x.astype(acc), axes, mask, centered=True, axis_name=axis_name, axis_index_groups=axis_index_groups
+      x.astype(dtype), axes, mask, centered=True, axis_name=axis_name, axis_index_groups=axis_index_groups
   )
   mean, var = stats.mean, stats.var
   if not keepdims:
     mean, var = jnp.squeeze(mean, axes), jnp.squeeze(var, axes)
   return mean, var
+
+
+@functools.partial(jax.jit, static_argnames=("axes", "centered", "axis_name", "axis_index_groups", "dtype"))
+def compute_program(x, mask, *, axes, centered, axis_name=None, axis_index_groups=None, dtype=None) -> Moments:
+  """`compute` as one program, eagerly too: for callers outside the kernel (batch renorm, `Standardizer`).
+
+  Its outputs are the statistics alone, so no full-size intermediate (``x -
+  shift`` of NaN padding, say) is ever the output of an eager operation,
+  which `jax_debug_nans` would flag.
+  """
+  return compute(
+      x.astype(x.dtype if dtype is None else dtype), axes, mask, centered=centered, axis_name=axis_name,
+      axis_index_groups=axis_index_groups, dtype=dtype,
+  )

@@ -48,6 +48,9 @@ def normalize(
       k: None if v is None else _validation.broadcast_operand(v, x.shape, k) for k, v in operands.items()
   }
   acc = _validation.accumulation_dtype(*(v.dtype for v in checked.values() if v is not None), x.dtype)
+  # Each operand to x's rank first: per-channel statistics of shape (C,) meet
+  # NHWC `x` by explicit broadcasting, as `jax_numpy_rank_promotion="raise"` requires.
+  checked = {k: None if v is None else _validation.to_rank(v, x.ndim) for k, v in checked.items()}
   multiplier = lax.rsqrt(checked["var"].astype(acc) + _validation.positive_epsilon(epsilon, acc))
   if checked["scale"] is not None:
     multiplier = multiplier * checked["scale"].astype(acc)

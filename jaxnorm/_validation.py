@@ -22,9 +22,24 @@ import numpy as np
 Axes = int | Sequence[int]
 
 
+def as_array(x: Any) -> jax.Array:
+  """`x` as a JAX array, NumPy arrays moved with `jax.device_put`.
+
+  Run eagerly, `jnp.asarray` of a NumPy array is an operation of its own
+  (JAX's `stage`), whose output `jax_debug_nans`/`jax_debug_infs` inspect: a
+  NaN-padded input whose padding is masked out would raise there before any
+  masking could happen. `device_put` moves the data and is not checked.
+  """
+  if isinstance(x, jax.Array):
+    return x
+  if isinstance(x, (np.ndarray, np.generic)) and not isinstance(x, np.bool_):
+    return jax.device_put(x)
+  return jnp.asarray(x)
+
+
 def floating_input(x: Any, name: str = "x") -> jax.Array:
   """Returns `x` as a JAX array, or raises `TypeError` unless it is real floating point."""
-  x = jnp.asarray(x) if not isinstance(x, jax.Array) else x
+  x = as_array(x)
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise TypeError(
         f"`{name}` must be a real floating-point array, got dtype {x.dtype}; "
@@ -33,9 +48,40 @@ def floating_input(x: Any, name: str = "x") -> jax.Array:
   return x
 
 
+def promoted_dtype(*args: Any, dtype: Any = None) -> np.dtype:
+  """flax's output-dtype rule (`flax.linen.dtypes.canonicalize_dtype`): `dtype` if given, else the promotion of `args`.
+
+  None entries are skipped; an integer promotion becomes float32. Unlike
+  flax's helper, this reads only the dtypes: it never converts an argument
+  with `jnp.asarray`, which run eagerly on an input holding NaN padding is an
+  operation whose output `jax_debug_nans` flags.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from jaxnorm._validation import promoted_dtype
+    >>> promoted_dtype(jnp.ones(2, jnp.bfloat16), None, jnp.ones(2, jnp.bfloat16))
+    dtype(bfloat16)
+  """
+  if dtype is None:
+    dtype = jnp.result_type(*(a.dtype if hasattr(a, "dtype") else a for a in args if a is not None))
+    if not jnp.issubdtype(dtype, jnp.inexact):
+      dtype = jnp.promote_types(jnp.float32, dtype)
+  dtype = np.dtype(jnp.dtype(dtype))
+  if not jnp.issubdtype(dtype, jnp.inexact):
+    raise ValueError(f"Dtype must be inexact: {dtype}")
+  return dtype
+
+
 def accumulation_dtype(*dtypes: Any) -> np.dtype:
-  """The dtype statistics are accumulated in: at least float32 (float64 stays float64)."""
-  return np.dtype(jnp.promote_types(jnp.result_type(*dtypes), jnp.float32))
+  """The dtype statistics are accumulated in: at least float32 (float64 stays float64).
+
+  A rule of the library, not a promotion of the caller's arrays, so it is
+  decided under standard promotion even when the caller runs with
+  ``jax_numpy_dtype_promotion="strict"`` (where bfloat16 and float32 have no
+  common type); every array is then cast to it explicitly.
+  """
+  with jax.numpy_dtype_promotion("standard"):
+    return np.dtype(jnp.promote_types(jnp.result_type(*dtypes), jnp.float32))
 
 
 def output_dtype(dtype: Any, default: Any) -> np.dtype:
@@ -305,6 +351,11 @@ def broadcast_operand(a: Any, shape: tuple[int, ...], name: str) -> jax.Array:
   if target != tuple(shape):
     raise ValueError(f"`{name}` of shape {tuple(a.shape)} does not broadcast to the input shape {tuple(shape)}.")
   return a
+
+
+def to_rank(a: jax.Array, ndim: int) -> jax.Array:
+  """`a` with leading size-1 axes up to rank `ndim`: NumPy's broadcasting made explicit (for rank promotion "raise")."""
+  return a.reshape((1,) * (ndim - a.ndim) + tuple(a.shape)) if a.ndim < ndim else a
 
 
 def keepdims_shape(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, ...]:

@@ -10,7 +10,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax.linen import dtypes
 from flax.typing import Axes, Dtype, Initializer
 from jax.nn import initializers
 
@@ -154,7 +153,7 @@ class WeightNorm(nn.Module):
         scale,
         feature_axes=features,
         epsilon=self.epsilon,
-        dtype=dtypes.canonicalize_dtype(value, *(() if scale is None else (scale,)), dtype=self.dtype),
+        dtype=_validation.promoted_dtype(value, scale, dtype=self.dtype),
     )
 
   def _data_dependent_init(self, y, normalized):

@@ -120,7 +120,8 @@ class GroupNorm(nnx.Module):
           f"`reduction_axes`={self.reduction_axes!r} must include the final dimension, "
           "as this is assumed to be the feature axis."
       )
-    x, scale, bias = self.promote_dtype(
+    x, scale, bias = _affine.promote(
+        self,
         (x, _affine.value(self.scale), _affine.value(self.bias)), dtype=self.dtype
     )
     return _group_norm.standardize_groups(
@@ -205,7 +206,8 @@ class InstanceNorm(nnx.Module):
           "as this is assumed to be the batch axis."
       )
     shape = _affine.feature_shape(x, feature_axes, self.num_features, "feature_axes")
-    x, scale, bias = self.promote_dtype(
+    x, scale, bias = _affine.promote(
+        self,
         (x, _affine.value(self.scale), _affine.value(self.bias)), dtype=self.dtype
     )
     return _standardize.apply(

@@ -24,9 +24,9 @@ def per_example(module: nnx.Module, x: jax.Array, mask: jax.Array | None, *, cen
   scale = _affine.value(module.scale)
   bias = _affine.value(module.bias) if centered else None
   if centered:
-    x, scale, bias = module.promote_dtype((x, scale, bias), dtype=module.dtype)
+    x, scale, bias = _affine.promote(module, (x, scale, bias), dtype=module.dtype)
   else:
-    x, scale = module.promote_dtype((x, scale), dtype=module.dtype)
+    x, scale = _affine.promote(module, (x, scale), dtype=module.dtype)
   return _standardize.apply(
       x,
       _affine.as_features(scale, shape),

@@ -249,7 +249,7 @@ class MeanOnlyBatchNorm(TrainEvalSwitch, nnx.Module):
       raise ValueError(f"`axis`={self.axis!r} covers every axis of the input: there is no batch to average over.")
     _affine.feature_shape(x, feature_axes, self.num_features, "axis")
     stats_shape = _validation.keepdims_shape(x.shape, reduced)
-    x, _, bias = self.promote_dtype((x, self.mean[...], _affine.value(self.bias)), dtype=self.dtype)
+    x, _, bias = _affine.promote(self, (x, self.mean[...], _affine.value(self.bias)), dtype=self.dtype)
     dtype = _affine.output_dtype(x, bias, dtype=self.dtype)
     acc = _validation.accumulation_dtype(x.dtype, *(() if bias is None else (bias.dtype,)))
     mask = _validation.broadcast_mask(mask, x.shape)
