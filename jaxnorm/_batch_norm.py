@@ -72,7 +72,7 @@ def batch_norm(
     >>> y.shape, mean.shape
     ((32, 8), (8,))
   """
-  x = _validation.floating_input(x)
+  x = _validation.floating_input(x, allow_complex=True)
   feature_axes = _validation.feature_axes_or_axis(feature_axes, axis)
   features = _validation.canonical_axes(feature_axes, x.ndim, "feature_axes" if axis is None else "axis")
   reduced = tuple(a for a in range(x.ndim) if a not in features)

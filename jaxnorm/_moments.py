@@ -253,6 +253,63 @@ def _two_pass(x, count, axes, mask, axis_name, axis_index_groups, dtype, channel
   return Moments(count, shift, offset, var)
 
 
+def abs_square(z: jax.Array) -> jax.Array:
+  """:math:`|z|^2`, real: ``re(z)^2 + im(z)^2`` for complex `z` (no square root), ``z^2`` for real `z`."""
+  if jnp.iscomplexobj(z):
+    return jnp.square(jnp.real(z)) + jnp.square(jnp.imag(z))
+  return jnp.square(z)
+
+
+def complex_compute(
+    x: jax.Array,
+    axes: tuple[int, ...],
+    mask: jax.Array | None,
+    *,
+    centered: bool,
+    axis_name: AxisName = None,
+    axis_index_groups: Any = None,
+    dtype: Any,
+    channel_groups: int | None = None,
+) -> Moments:
+  r"""Moments of a complex `x` (in the complex `dtype`), as flax defines them.
+
+  .. math::
+      \mu = \tfrac1N \textstyle\sum x \ (\text{complex}), \qquad
+      \sigma^2 = \tfrac1N \textstyle\sum |x - \mu|^2 \ (\text{real}).
+
+  Two passes as in `_two_pass` (``mean = shift + offset``, the variance from
+  deviations about `shift`), written in plain `jax.numpy` for plain
+  autodiff, with no platform choice and no private copies: complex inputs
+  are rare enough that their programs need not be tuned. `count` and `var`
+  are in the real counterpart of `dtype`, `shift` and `offset` in `dtype`.
+  `x` is already cast to `dtype`, with unreadable masked values zeroed.
+  """
+  real = _validation.real_dtype(dtype)
+
+  def total(a):
+    return group_sum(a, axes, channel_groups, portable=True)
+
+  def across(a):
+    return sum_across([a], axis_name, axis_index_groups)[0]
+
+  if mask is None:
+    n = _static_count(x.shape, axes) * (1 if channel_groups is None else x.shape[-1] // channel_groups)
+    count = jnp.full(_validation.keepdims_shape(x.shape, axes), n, real)
+  else:
+    count = total(mask.astype(real))
+  count = across(count)
+  inv_count = (1 / jnp.maximum(count, 1)).astype(real)
+  xv = masked_zero(x, mask)
+  if not centered:
+    zero = jnp.zeros(count.shape, dtype)
+    return Moments(count, zero, zero, across(total(abs_square(xv))) * inv_count)
+  shift = across(total(xv)) * inv_count.astype(dtype)
+  d = masked_zero(x - shift, mask)
+  offset = across(total(d)) * inv_count.astype(dtype)
+  var = jnp.maximum(across(total(abs_square(d))) * inv_count - abs_square(offset), jnp.zeros((), real))
+  return Moments(count, shift, offset, var)
+
+
 def _one_pass(x, count, axes, dtype, channel_groups) -> Moments:
   r"""Centered moments in one pass over `x`: sums of deviations from one value of each group.
 
@@ -318,8 +375,11 @@ def moments(
   NaN or inf: they reach neither the statistics nor their gradients. A group
   with no valid element gets mean 0 and variance 0.
 
+  A complex `x` (as flax allows) gets a complex mean and the real variance
+  :math:`\frac1n \sum |x_i - \mu|^2`.
+
   Args:
-    x: floating-point array of any shape.
+    x: floating-point (or complex) array of any shape.
     axis: an axis or tuple of axes to reduce over.
     where: optional boolean mask broadcastable to `x`; True marks valid elements.
     axis_name: optional name (or tuple of names) of a mapped axis (`pmap`,
@@ -339,7 +399,7 @@ def moments(
     >>> mean, var
     (Array([2., 4.], dtype=float32), Array([1., 4.], dtype=float32))
   """
-  x = _validation.floating_input(x)
+  x = _validation.floating_input(x, allow_complex=True)
   axes = _validation.canonical_axes(axis, x.ndim, "axis")
   mask = _validation.broadcast_mask(where, x.shape)
   acc = _validation.accumulation_dtype(x.dtype)
@@ -359,9 +419,15 @@ def moments(
 # `jax_debug_nans` would flag), and the call dispatches once.
 @functools.partial(jax.jit, static_argnames=("axes", "axis_name", "axis_index_groups", "dtype", "keepdims"))
 def _moments_program(x, mask, *, axes, axis_name, axis_index_groups, dtype, keepdims):
-  stats = compute(
-      x.astype(dtype), axes, mask, centered=True, axis_name=axis_name, axis_index_groups=axis_index_groups
-  )
+  if jnp.issubdtype(dtype, jnp.complexfloating):
+    xa = masked_zero(x.astype(dtype), None if mask is None else mask | jnp.isfinite(x))
+    stats = complex_compute(
+        xa, axes, mask, centered=True, axis_name=axis_name, axis_index_groups=axis_index_groups, dtype=dtype
+    )
+  else:
+    stats = compute(
+        x.astype(dtype), axes, mask, centered=True, axis_name=axis_name, axis_index_groups=axis_index_groups
+    )
   mean, var = stats.mean, stats.var
   if not keepdims:
     mean, var = jnp.squeeze(mean, axes), jnp.squeeze(var, axes)

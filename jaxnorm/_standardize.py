@@ -328,7 +328,7 @@ def apply(
   summed over devices; under pmap they do not). Under jit, XLA merges these
   reductions with the identical ones inside the kernel.
   """
-  x = _validation.floating_input(x)
+  x = _validation.floating_input(x, allow_complex=True)
   view = None if view is None else tuple(view)
   vshape = x.shape if view is None else view
   axes = _validation.canonical_axes(axes, len(vshape), axes_name)
@@ -337,14 +337,14 @@ def apply(
   broadcast_shape = tuple(d if i in param_axes else 1 for i, d in enumerate(vshape))
   params = []
   for name, p in (("scale", scale), ("bias", bias)):
-    p = _validation.parameter(p, param_shape, name, param_explain)
+    p = _validation.parameter(p, param_shape, name, param_explain, allow_complex=True)
     params.append(None if p is None else p.reshape(broadcast_shape))
   out_dtype = _validation.output_dtype(dtype, x.dtype)
   acc_dtype = _validation.accumulation_dtype(x.dtype, out_dtype, *(p.dtype for p in params if p is not None))
   spec = Spec(
       axes=axes,
       centered=centered,
-      epsilon=_validation.positive_epsilon(epsilon, acc_dtype),
+      epsilon=_validation.positive_epsilon(epsilon, _validation.real_dtype(acc_dtype)),
       out_dtype=out_dtype,
       acc_dtype=acc_dtype,
       # Lists of names (which lax.psum accepts) as tuples: the spec is hashed.
@@ -354,6 +354,8 @@ def apply(
       view=view,
   )
   mask = _validation.broadcast_mask(where, vshape)
+  if jnp.issubdtype(acc_dtype, jnp.complexfloating):
+    return _complex_run(x, params[0], params[1], mask, spec=spec, with_statistics=with_statistics)
   return _run(x, params[0], params[1], mask, spec=spec, custom_vjp=custom_vjp, with_statistics=with_statistics)
 
 
@@ -376,4 +378,51 @@ def _run(x, scale, bias, mask, *, spec: Spec, custom_vjp: bool, with_statistics:
       channel_groups=spec.channel_groups,
       portable=not custom_vjp,
   )
+  return y, jnp.squeeze(stats.mean, spec.axes), jnp.squeeze(stats.var, spec.axes)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "with_statistics"))
+def _complex_run(x, scale, bias, mask, *, spec: Spec, with_statistics: bool):
+  r"""The normalization of a complex `x` (or of complex parameters), as flax computes it, by plain autodiff.
+
+  .. math::
+      \mu = \tfrac1N \textstyle\sum x, \quad
+      \sigma^2 = \tfrac1N \textstyle\sum |x - \mu|^2, \quad
+      y = \gamma\,(x - \mu)\,(\sigma^2 + \epsilon)^{-1/2} + \beta,
+
+  with :math:`\mu`, :math:`y` complex and :math:`\sigma^2` real (see
+  `_moments.complex_compute`). Differentiated by JAX itself, not by the
+  hand-derived VJP: that one is derived for real :math:`x`, where
+  :math:`\partial v / \partial x = 2 (x - \mu) / N`; for complex :math:`x`
+  the variance is a real function of :math:`x` and :math:`\bar x`, the
+  cotangents follow JAX's convention for complex functions (the conjugate
+  Wirtinger derivative), and every product in the formula would need its
+  conjugate placed by hand. Plain autodiff of the same math gets that right by
+  construction, also for forward mode and higher orders; complex inputs are
+  rare enough that the saved memory pass is not worth a second derivation.
+  Masking, groups without a valid element and `axis_name` behave as on the
+  real path.
+  """
+  acc = spec.acc_dtype
+  shape, x = x.shape, _view(x, spec)
+  xa = _moments.masked_zero(x.astype(acc), _readable(x, mask))
+  stats = _moments.complex_compute(
+      xa,
+      spec.axes,
+      mask,
+      centered=spec.centered,
+      axis_name=spec.axis_name,
+      axis_index_groups=spec.axis_index_groups,
+      dtype=acc,
+      channel_groups=spec.channel_groups,
+  )
+  rstd = _rstd(stats, mask, spec).astype(acc)
+  y = ((xa - stats.shift) - stats.offset) * rstd
+  if scale is not None:
+    y = y * scale.astype(acc)
+  if bias is not None:
+    y = y + bias.astype(acc)
+  y = y.astype(spec.out_dtype).reshape(shape)
+  if not with_statistics:
+    return y
   return y, jnp.squeeze(stats.mean, spec.axes), jnp.squeeze(stats.var, spec.axes)

@@ -37,9 +37,15 @@ def as_array(x: Any) -> jax.Array:
   return jnp.asarray(x)
 
 
-def floating_input(x: Any, name: str = "x") -> jax.Array:
-  """Returns `x` as a JAX array, or raises `TypeError` unless it is real floating point."""
+def floating_input(x: Any, name: str = "x", *, allow_complex: bool = False) -> jax.Array:
+  """Returns `x` as a JAX array, or raises `TypeError` unless it is real floating point (or complex, if allowed).
+
+  `allow_complex` is set by the ops that support complex inputs as flax
+  does (batch, layer, RMS, group and instance norm, `moments`, `normalize`).
+  """
   x = as_array(x)
+  if allow_complex and jnp.issubdtype(x.dtype, jnp.complexfloating):
+    return x
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise TypeError(
         f"`{name}` must be a real floating-point array, got dtype {x.dtype}; "
@@ -84,9 +90,16 @@ def accumulation_dtype(*dtypes: Any) -> np.dtype:
     return np.dtype(jnp.promote_types(jnp.result_type(*dtypes), jnp.float32))
 
 
+def real_dtype(dtype: Any) -> np.dtype:
+  """The real counterpart of a floating or complex dtype: float32 for complex64, float64 for complex128."""
+  return np.dtype(jnp.finfo(dtype).dtype)
+
+
 def output_dtype(dtype: Any, default: Any) -> np.dtype:
-  """The requested output `dtype` (`default` when None); raises `TypeError` unless it is floating point."""
+  """The requested output `dtype` (`default` when None); raises `TypeError` unless it is floating point (complex too, for a complex `default`)."""
   out = np.dtype(default if dtype is None else jnp.dtype(dtype))
+  if jnp.issubdtype(out, jnp.complexfloating) and jnp.issubdtype(default, jnp.complexfloating):
+    return out
   if not jnp.issubdtype(out, jnp.floating):
     raise TypeError(f"`dtype` must be a floating-point dtype, got {out}.")
   return out
@@ -289,11 +302,13 @@ def _is_array(value: Any) -> bool:
   return isinstance(value, (np.ndarray, np.generic, jax.Array)) and not isinstance(value, numbers.Real)
 
 
-def parameter(p: Any, shape: tuple[int, ...], name: str, explain: str) -> jax.Array | None:
-  """Checks that an affine parameter is None or a floating array of exactly `shape`."""
+def parameter(
+    p: Any, shape: tuple[int, ...], name: str, explain: str, *, allow_complex: bool = False
+) -> jax.Array | None:
+  """Checks that an affine parameter is None or a floating (or, if allowed, complex) array of exactly `shape`."""
   if p is None:
     return None
-  p = floating_input(p, name)
+  p = floating_input(p, name, allow_complex=allow_complex)
   if tuple(p.shape) != tuple(shape):
     raise ValueError(f"`{name}` must have shape {tuple(shape)} ({explain}), got {tuple(p.shape)}.")
   return p
@@ -341,9 +356,9 @@ def broadcast_mask(where: Any, shape: tuple[int, ...], name: str = "where") -> j
   return jnp.broadcast_to(where, shape)
 
 
-def broadcast_operand(a: Any, shape: tuple[int, ...], name: str) -> jax.Array:
+def broadcast_operand(a: Any, shape: tuple[int, ...], name: str, *, allow_complex: bool = False) -> jax.Array:
   """Checks that a statistic or parameter broadcasts to the input `shape` without growing it."""
-  a = floating_input(a, name)
+  a = floating_input(a, name, allow_complex=allow_complex)
   try:
     target = jnp.broadcast_shapes(a.shape, shape)
   except ValueError:

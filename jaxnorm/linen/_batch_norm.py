@@ -126,7 +126,7 @@ class BatchNorm(nn.Module):
     Returns:
       The normalized input, shaped like `x`.
     """
-    x = _validation.floating_input(x)
+    x = _validation.floating_input(x, allow_complex=True)
     feature_axes = _validation.canonical_axes(self.axis, x.ndim, "axis")
     feature_shape = tuple(x.shape[a] for a in feature_axes)
     running = RunningStatistics(self, feature_shape, stats_dtype(x.dtype, self.dtype))

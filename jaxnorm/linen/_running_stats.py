@@ -158,7 +158,11 @@ class RunningStatistics:
       return
     self._check_state()
     self.mean = module.variable("batch_stats", "mean", lambda s: jnp.zeros(s, self.dtype), feature_shape)
-    self.var = module.variable("batch_stats", "var", lambda s: jnp.ones(s, self.dtype), feature_shape)
+    # The variance is real also for complex inputs (flax's `mean(|x - mean|^2)`); the mean of a
+    # complex input is complex from init on (flax's turns complex at its first update).
+    self.var = module.variable(
+        "batch_stats", "var", lambda s: jnp.ones(s, _validation.real_dtype(self.dtype)), feature_shape
+    )
     if self.convention == "torch":
       self.num_batches_tracked = module.variable("batch_stats", "num_batches_tracked", lambda: jnp.zeros((), jnp.int32))
     # Loaded statistics (a checkpoint of another width) would otherwise be
@@ -276,7 +280,7 @@ class RunningStatistics:
           "`variables = {**variables, **updates}`; or, for inference, use `use_running_average=True`."
       )
     batch_mean = batch_mean.astype(self.dtype)
-    batch_var = batch_var.astype(self.dtype)
+    batch_var = batch_var.astype(_validation.real_dtype(self.dtype))
     group_axes = tuple(range(batch_mean.ndim - self.mean.value.ndim))
     valid = None if isinstance(count, int) or count is None else jnp.asarray(count) > 0
     if self.convention == "flax":

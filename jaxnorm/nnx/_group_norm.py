@@ -104,7 +104,7 @@ class GroupNorm(nnx.Module):
 
   def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
     """Normalizes `x` of shape ``(..., num_features)``; `mask` selects the positions that enter the statistics."""
-    x = _validation.floating_input(x)
+    x = _validation.floating_input(x, allow_complex=True)
     if x.ndim < 1 or x.shape[-1] != self.num_features:
       raise ValueError(
           f"GroupNorm expects a channels-last x of shape (..., num_features={self.num_features}), "
@@ -198,7 +198,7 @@ class InstanceNorm(nnx.Module):
 
   def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
     """Normalizes `x`; `mask` (broadcastable to `x`) selects the positions that enter the statistics."""
-    x = _validation.floating_input(x)
+    x = _validation.floating_input(x, allow_complex=True)
     feature_axes = _validation.canonical_axes(self.feature_axes, x.ndim, "feature_axes")
     if 0 in feature_axes:
       raise ValueError(

@@ -73,7 +73,12 @@ def ema_update(variable: nnx.Variable, batch_value: jax.Array, momentum: float, 
   # reassigned after construction.
   momentum = _validation.momentum(momentum)
   old = variable[...]
-  new = momentum * old + (1 - momentum) * batch_value.reshape(old.shape)
+  batch_value = batch_value.reshape(old.shape)
+  if jnp.iscomplexobj(batch_value) and not jnp.iscomplexobj(old):
+    # flax.nnx's state is real (created before any input is seen): like flax.nnx, keep the real part
+    # of a complex input's mean, explicitly (flax casts, with a ComplexWarning).
+    batch_value = jnp.real(batch_value)
+  new = momentum * old + (1 - momentum) * batch_value
   if seen is not None:
     new = jnp.where(seen.reshape(old.shape), new, old)
   variable[...] = lax.stop_gradient(new).astype(old.dtype)
@@ -173,7 +178,7 @@ class BatchStatistics(TrainEvalSwitch, nnx.Module):
       The normalized input, shaped like `x`.
     """
     use_running_average = self._resolve_use_running_average(use_running_average)
-    x = _validation.floating_input(x)
+    x = _validation.floating_input(x, allow_complex=True)
     mask = _validation.boolean_mask(mask, "mask")
     axes = _validation.canonical_axes(self.axis, x.ndim, "axis")
     shape = _affine.feature_shape(x, axes, self.num_features, "axis")
