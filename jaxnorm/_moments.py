@@ -375,6 +375,16 @@ def moments(
   NaN or inf: they reach neither the statistics nor their gradients. A group
   with no valid element gets mean 0 and variance 0.
 
+  Range: the squares are summed in the accumulation dtype, so for float32
+  (and 16-bit) inputs the variance of `n` values is finite only while their
+  deviations from the mean stay below about ``sqrt(3.4e38 / n)``
+  (``1.8e19 / sqrt(n)``: 5.8e17 for ``n = 1024``); beyond it the variance is
+  ``inf`` (and the normalizing ops output the bias, as flax and torch do).
+  Rescaling by a per-group power of two before squaring would need the
+  group's largest deviation first, a pass over `x` of its own on the CPU,
+  for data that rarely exists; so the range is documented, not widened.
+  Scale such data first, or pass float64 (with ``jax_enable_x64``).
+
   A complex `x` (as flax allows) gets a complex mean and the real variance
   :math:`\frac1n \sum |x_i - \mu|^2`.
 
