@@ -60,7 +60,11 @@ def promoted_dtype(*args: Any, dtype: Any = None) -> np.dtype:
   None entries are skipped; an integer promotion becomes float32. Unlike
   flax's helper, this reads only the dtypes: it never converts an argument
   with `jnp.asarray`, which run eagerly on an input holding NaN padding is an
-  operation whose output `jax_debug_nans` flags.
+  operation whose output `jax_debug_nans` flags. And the rule is applied
+  under standard promotion, also when the caller runs with
+  ``jax_numpy_dtype_promotion="strict"``: a module that mixes a bfloat16
+  input with its own float32 parameters or state promotes by its documented
+  rule, then casts explicitly, instead of failing.
 
   Example:
     >>> import jax.numpy as jnp
@@ -69,7 +73,8 @@ def promoted_dtype(*args: Any, dtype: Any = None) -> np.dtype:
     dtype(bfloat16)
   """
   if dtype is None:
-    dtype = jnp.result_type(*(a.dtype if hasattr(a, "dtype") else a for a in args if a is not None))
+    with jax.numpy_dtype_promotion("standard"):
+      dtype = jnp.result_type(*(a.dtype if hasattr(a, "dtype") else a for a in args if a is not None))
     if not jnp.issubdtype(dtype, jnp.inexact):
       dtype = jnp.promote_types(jnp.float32, dtype)
   dtype = np.dtype(jnp.dtype(dtype))

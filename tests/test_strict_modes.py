@@ -133,8 +133,8 @@ def test_linen_module_under_strict_settings(name):
   module, kwargs = make(), dict(_LINEN_CALL_KWARGS.get(name, {}))
   clean = _padded(shape, np.float32, np.zeros(shape, bool))
   variables = module.init(jax.random.key(0), clean, **kwargs)
-  masked = name in {"LayerNorm", "RMSNorm", "BatchNorm", "GroupNorm", "InstanceNorm"}
-  mask = _mask(shape, 1 if name != "BatchNorm" else 0) if masked else None
+  masked = name in {"LayerNorm", "RMSNorm", "BatchNorm", "GroupNorm", "InstanceNorm", "MeanOnlyBatchNorm"}
+  mask = _mask(shape, 0 if "BatchNorm" in name else 1) if masked else None
   x = _padded(shape, np.float32, ~mask) if masked else clean
   if masked:
     kwargs["mask"] = jnp.asarray(mask)

@@ -161,11 +161,14 @@ class WeightNorm(nnx.Module):
       )
     mean, var = jaxnorm.moments(y, tuple(range(y.ndim - 1)))
     rstd = jax.lax.rsqrt(var + _validation.positive_epsilon(epsilon))
-    scale[...] = (scale[...] * rstd).astype(scale[...].dtype)
+    scale[...] = (scale[...].astype(rstd.dtype) * rstd).astype(scale[...].dtype)
+    # Computed in the statistics' dtype, per-feature statistics broadcast
+    # explicitly (clean under strict dtype and rank promotion).
+    ya, mean_y, rstd_y = y.astype(rstd.dtype), _validation.to_rank(mean, y.ndim), _validation.to_rank(rstd, y.ndim)
     if bias is None:
-      return (y * rstd).astype(y.dtype)
-    bias[...] = ((bias[...] - mean) * rstd).astype(bias[...].dtype)
-    return ((y - mean) * rstd).astype(y.dtype)
+      return (ya * rstd_y).astype(y.dtype)
+    bias[...] = ((bias[...].astype(rstd.dtype) - mean) * rstd).astype(bias[...].dtype)
+    return ((ya - mean_y) * rstd_y).astype(y.dtype)
 
 
 class MeanOnlyBatchNorm(TrainEvalSwitch, nnx.Module):
