@@ -22,6 +22,7 @@ def batch_norm(
     axis_index_groups: Any = None,
     dtype: Any = None,
     custom_vjp: bool = True,
+    _no_batch_axis_ok: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   r"""Batch normalization with batch statistics (Ioffe & Szegedy, 2015).
 
@@ -47,11 +48,17 @@ def batch_norm(
       enter the statistics (all positions are normalized; masked-out NaN or inf
       are read as 0 and get zero gradient).
     axis_name: optional mapped axis (or tuple of axes) to merge statistics over.
+      With it, `feature_axes` may cover every axis of `x` (a per-example
+      model under ``jax.vmap(..., axis_name=...)``, as flax allows): the
+      statistics are then taken over the mapped axis alone.
     axis_index_groups: optional groups within `axis_name` (see `jax.lax.psum`).
     dtype: output dtype; defaults to `x.dtype`.
     custom_vjp: if False, differentiate the same forward by plain autodiff
       (needed for forward mode: `jax.jvp`, `jax.jacfwd`; reverse-over-reverse
       and `jax.hessian` work through the custom VJP).
+    _no_batch_axis_ok: private, for the modules' `init`, which drops
+      `axis_name` as flax does: no reduced axis is then allowed (each value
+      is its own batch, and the output is the bias).
 
   Returns:
     `(y, mean, var)`: `y` shaped like `x`; the batch mean and biased variance
@@ -65,14 +72,18 @@ def batch_norm(
     >>> y.shape, mean.shape
     ((32, 8), (8,))
   """
-  x = _validation.floating_input(x)
+  x = _validation.floating_input(x, allow_complex=True)
   feature_axes = _validation.feature_axes_or_axis(feature_axes, axis)
   features = _validation.canonical_axes(feature_axes, x.ndim, "feature_axes" if axis is None else "axis")
   reduced = tuple(a for a in range(x.ndim) if a not in features)
-  if not reduced:
+  # With `axis_name` the batch may be the mapped axis alone (a per-example
+  # model under vmap, or one example per device): the statistics are then
+  # taken over the devices only. Without it there is nothing to average.
+  if not reduced and axis_name is None and not _no_batch_axis_ok:
     raise ValueError(
         f"`feature_axes`={feature_axes!r} covers every axis of an input of rank {x.ndim}: "
-        "batch_norm needs at least one axis (the batch) to take statistics over."
+        "batch_norm needs at least one axis (the batch) to take statistics over, or an `axis_name` "
+        "(e.g. of `jax.vmap(..., axis_name=...)` over the examples) to take them over the mapped axis."
     )
   # Under jax.jvp the custom VJP fails inside this call: say what to do instead.
   with _validation.explain_forward_mode("batch_norm", custom_vjp, (x, scale, bias)):

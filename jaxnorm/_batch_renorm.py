@@ -139,8 +139,8 @@ def batch_renorm(
   axis_index_groups = _validation.axis_index_groups(axis_index_groups)
 
   # The batch statistics exactly as the kernel will compute them (same dtype, mask, merge).
-  stats = _moments.compute(
-      x.astype(acc), reduced, mask, centered=True, axis_name=axis_name, axis_index_groups=axis_index_groups
+  stats = _moments.compute_program(
+      x, mask, axes=reduced, centered=True, axis_name=axis_name, axis_index_groups=axis_index_groups, dtype=acc
   )
   shift, offset, var = (jnp.squeeze(a, reduced) for a in (stats.shift, stats.offset, stats.var))
   ra_mean, ra_var = (a.astype(acc) for a in running)

@@ -93,4 +93,4 @@ def filter_response_norm(
     return y
   # The maximum commutes with rounding to y's dtype, so taking it in that
   # dtype gives the correctly rounded TLU without a wider copy of y.
-  return jnp.maximum(y, tau.astype(y.dtype))
+  return jnp.maximum(y, _validation.to_rank(tau.astype(y.dtype), y.ndim))

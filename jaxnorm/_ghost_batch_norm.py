@@ -109,7 +109,7 @@ def ghost_batch_norm(
   # Under jax.jvp the custom VJP fails inside this call: say what to do instead.
   with _validation.explain_forward_mode("ghost_batch_norm", custom_vjp, (x, scale, bias)):
     y, mean, var = _standardize.apply(
-        x.reshape(grouped_shape),
+        x,
         scale,
         bias,
         axes=reduced,
@@ -124,8 +124,10 @@ def ghost_batch_norm(
         dtype=dtype,
         custom_vjp=custom_vjp,
         with_statistics=True,
+        # Reshaped inside the kernel: see `_standardize.Spec.view`.
+        view=grouped_shape,
     )
-  return y.reshape(x.shape), mean, var
+  return y, mean, var
 
 
 def _virtual_batch_size(v: Any) -> int:

@@ -64,7 +64,7 @@ def standardize_groups(
   `scale`/`bias` are None or of shape `(C,)`. Shared by `group_norm` and
   `jaxnorm.linen.GroupNorm`, which differ only in which axes they reduce.
   """
-  x = _validation.floating_input(x)
+  x = _validation.floating_input(x, allow_complex=True)
   groups = check_num_groups(num_groups, x.shape[-1])
   # Under jax.jvp the custom VJP fails inside this call: say what to do instead.
   with _validation.explain_forward_mode("group_norm", custom_vjp, (x, scale, bias)):
@@ -139,7 +139,7 @@ def group_norm(
     >>> bool(jnp.allclose(groups.mean((1, 2, 4)), 0, atol=1e-6))
     True
   """
-  x = _validation.floating_input(x)
+  x = _validation.floating_input(x, allow_complex=True)
   _channels_last(x, "group_norm", 2, "(N, ..., C)")
   return standardize_groups(
       x,
@@ -203,7 +203,7 @@ def instance_norm(
     >>> bool(jnp.allclose(y.mean((1, 2)), 0, atol=1e-6))
     True
   """
-  x = _validation.floating_input(x)
+  x = _validation.floating_input(x, allow_complex=True)
   _channels_last(x, "instance_norm", 3, "(N, S1, ..., C)")
   if math.prod(x.shape[1:-1]) == 1:
     raise ValueError(

@@ -49,7 +49,7 @@ def layer_norm(
     >>> bool(jnp.allclose(y.mean(-1), 0, atol=1e-6))
     True
   """
-  x = _validation.floating_input(x)
+  x = _validation.floating_input(x, allow_complex=True)
   # Under jax.jvp the custom VJP fails inside this call: say what to do instead.
   with _validation.explain_forward_mode("layer_norm", custom_vjp, (x, scale, bias)):
     return _standardize.apply(
@@ -104,7 +104,7 @@ def rms_norm(
     >>> jaxnorm.rms_norm(jnp.array([[3., 4.]]), epsilon=1e-12)
     Array([[0.84852815, 1.1313709 ]], dtype=float32)
   """
-  x = _validation.floating_input(x)
+  x = _validation.floating_input(x, allow_complex=True)
   # Under jax.jvp the custom VJP fails inside this call: say what to do instead.
   with _validation.explain_forward_mode("rms_norm", custom_vjp, (x, scale)):
     return _standardize.apply(

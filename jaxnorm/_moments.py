@@ -15,6 +15,7 @@ instead is wrong whenever devices hold different numbers of valid elements.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -101,7 +102,29 @@ def masked_zero(x: jax.Array, mask: jax.Array | None) -> jax.Array:
   return x if mask is None else jnp.where(mask, x, jnp.zeros((), x.dtype))
 
 
-def group_sum(a: jax.Array, axes: tuple[int, ...], channel_groups: int | None = None) -> jax.Array:
+def any_valid(
+    mask: jax.Array | None, shape: tuple[int, ...], feature_axes: tuple[int, ...], axis_name: AxisName = None,
+    axis_index_groups: Any = None,
+) -> jax.Array | None:
+  """Whether each feature has a valid value: `mask` (broadcastable to `shape`) reduced over the non-feature axes.
+
+  Taken over the devices of `axis_name` too. None without a mask (every
+  feature is valid). Running-statistics updates leave features without a
+  valid value unchanged (their batch mean and variance are 0 by convention).
+  """
+  if mask is None:
+    return None
+  mask = jnp.broadcast_to(mask, shape)
+  reduced = tuple(a for a in range(len(shape)) if a not in feature_axes)
+  count = jnp.sum(mask, reduced, dtype=jnp.int32)
+  if axis_name is not None:
+    count = lax.psum(count, axis_name, axis_index_groups=axis_index_groups)
+  return count > 0
+
+
+def group_sum(
+    a: jax.Array, axes: tuple[int, ...], channel_groups: int | None = None, portable: bool = False
+) -> jax.Array:
   """Sums `a` over `axes` and, with `channel_groups` G, over each run of C // G consecutive channels.
 
   The result keeps the shape of `a` with `axes` set to 1; a channel-group sum
@@ -109,11 +132,14 @@ def group_sum(a: jax.Array, axes: tuple[int, ...], channel_groups: int | None = 
   `a` in its own channels-last layout. Group norm is computed this way, not on
   a ``(..., G, C // G)`` view: XLA:CPU's fused reductions and the
   broadcasts of statistics inside them run about twice as fast when the
-  contiguous axis is the full channel axis.
+  contiguous axis is the full channel axis. With `portable`, the sum is the
+  same on every platform (no `lax.platform_dependent`, see `compute`).
   """
   out = jnp.sum(a, axes, keepdims=True) if axes else a
   if channel_groups is None:
     return out
+  if portable:
+    return _channel_group_sum(out, channel_groups)
   # XLA:TPU runs the reshaped sum as a reduce, a broadcast and layout copies,
   # each a kernel of its own; one small matmul does it all.
   return _platform.by_platform(
@@ -149,6 +175,7 @@ def compute(
     dtype: Any = None,
     channel_groups: int | None = None,
     forward_only: bool = False,
+    portable: bool = False,
 ) -> Moments:
   """Moments of `x` over `axes` (and channel groups, see `group_sum`), accumulated in `dtype`.
 
@@ -169,11 +196,17 @@ def compute(
   Hopper into one Triton kernel that reads `x` once (`_one_pass`'s gather of
   the shift stops that fusion). Masked statistics and those merged across
   devices always use `_two_pass`.
+
+  `portable` (the ops' ``custom_vjp=False``, plain autodiff) makes no
+  platform choice: `_two_pass` and the plain channel-group sum everywhere.
+  The choice is a `lax.platform_dependent`, a `cond` when traced, and
+  transformations such as `jax.experimental.jet` (Taylor series), which
+  that path exists for, have no rule for it.
   """
   dtype = x.dtype if dtype is None else dtype
 
   def total_of(a):
-    return group_sum(a, axes, channel_groups)
+    return group_sum(a, axes, channel_groups, portable)
 
   if mask is None:
     n = _static_count(x.shape, axes) * (1 if channel_groups is None else x.shape[-1] // channel_groups)
@@ -186,7 +219,7 @@ def compute(
     count, total = sum_across([count, total], axis_name, axis_index_groups)
     zero = jnp.zeros_like(total)
     return Moments(count, zero, zero, total / jnp.maximum(count, 1))
-  if mask is None and axis_name is None:
+  if mask is None and axis_name is None and not portable:
     def two_pass(x):
       return _two_pass(x, count, axes, None, None, None, dtype, channel_groups)
 
@@ -195,12 +228,12 @@ def compute(
 
     rows = forward_only and axes == (x.ndim - 1,) and channel_groups is None
     return _platform.by_platform(x, cpu=two_pass, cuda=two_pass if rows else one_pass, default=one_pass)
-  return _two_pass(x, count, axes, mask, axis_name, axis_index_groups, dtype, channel_groups)
+  return _two_pass(x, count, axes, mask, axis_name, axis_index_groups, dtype, channel_groups, portable)
 
 
-def _two_pass(x, count, axes, mask, axis_name, axis_index_groups, dtype, channel_groups) -> Moments:
+def _two_pass(x, count, axes, mask, axis_name, axis_index_groups, dtype, channel_groups, portable=False) -> Moments:
   """Centered moments from a first mean estimate and the deviations about it (three reductions over `x`)."""
-  total = group_sum(masked_zero(x.astype(dtype), mask), axes, channel_groups)
+  total = group_sum(masked_zero(x.astype(dtype), mask), axes, channel_groups, portable)
   count, total = sum_across([count, total], axis_name, axis_index_groups)
   inv_count = 1 / jnp.maximum(count, 1)
   # A first estimate of the mean carries the rounding of a large float32 sum
@@ -215,11 +248,68 @@ def _two_pass(x, count, axes, mask, axis_name, axis_index_groups, dtype, channel
     xk, shift_k = _platform.private_copies(tag, x, shift)
     return masked_zero(xk.astype(dtype) - shift_k, mask)
 
-  d_sum = group_sum(deviations(0), axes, channel_groups)
-  d2_sum = group_sum(jnp.square(deviations(1)), axes, channel_groups)
+  d_sum = group_sum(deviations(0), axes, channel_groups, portable)
+  d2_sum = group_sum(jnp.square(deviations(1)), axes, channel_groups, portable)
   d_sum, d2_sum = sum_across([d_sum, d2_sum], axis_name, axis_index_groups)
   offset = d_sum * inv_count
   var = jnp.maximum(d2_sum * inv_count - jnp.square(offset), 0)
+  return Moments(count, shift, offset, var)
+
+
+def abs_square(z: jax.Array) -> jax.Array:
+  """:math:`|z|^2`, real: ``re(z)^2 + im(z)^2`` for complex `z` (no square root), ``z^2`` for real `z`."""
+  if jnp.iscomplexobj(z):
+    return jnp.square(jnp.real(z)) + jnp.square(jnp.imag(z))
+  return jnp.square(z)
+
+
+def complex_compute(
+    x: jax.Array,
+    axes: tuple[int, ...],
+    mask: jax.Array | None,
+    *,
+    centered: bool,
+    axis_name: AxisName = None,
+    axis_index_groups: Any = None,
+    dtype: Any,
+    channel_groups: int | None = None,
+) -> Moments:
+  r"""Moments of a complex `x` (in the complex `dtype`), as flax defines them.
+
+  .. math::
+      \mu = \tfrac1N \textstyle\sum x \ (\text{complex}), \qquad
+      \sigma^2 = \tfrac1N \textstyle\sum |x - \mu|^2 \ (\text{real}).
+
+  Two passes as in `_two_pass` (``mean = shift + offset``, the variance from
+  deviations about `shift`), written in plain `jax.numpy` for plain
+  autodiff, with no platform choice and no private copies: complex inputs
+  are rare enough that their programs need not be tuned. `count` and `var`
+  are in the real counterpart of `dtype`, `shift` and `offset` in `dtype`.
+  `x` is already cast to `dtype`, with unreadable masked values zeroed.
+  """
+  real = _validation.real_dtype(dtype)
+
+  def total(a):
+    return group_sum(a, axes, channel_groups, portable=True)
+
+  def across(a):
+    return sum_across([a], axis_name, axis_index_groups)[0]
+
+  if mask is None:
+    n = _static_count(x.shape, axes) * (1 if channel_groups is None else x.shape[-1] // channel_groups)
+    count = jnp.full(_validation.keepdims_shape(x.shape, axes), n, real)
+  else:
+    count = total(mask.astype(real))
+  count = across(count)
+  inv_count = (1 / jnp.maximum(count, 1)).astype(real)
+  xv = masked_zero(x, mask)
+  if not centered:
+    zero = jnp.zeros(count.shape, dtype)
+    return Moments(count, zero, zero, across(total(abs_square(xv))) * inv_count)
+  shift = across(total(xv)) * inv_count.astype(dtype)
+  d = masked_zero(x - shift, mask)
+  offset = across(total(d)) * inv_count.astype(dtype)
+  var = jnp.maximum(across(total(abs_square(d))) * inv_count - abs_square(offset), jnp.zeros((), real))
   return Moments(count, shift, offset, var)
 
 
@@ -289,8 +379,21 @@ def moments(
   NaN or inf: they reach neither the statistics nor their gradients. A group
   with no valid element gets mean 0 and variance 0.
 
+  Range: the squares are summed in the accumulation dtype, so for float32
+  (and 16-bit) inputs the variance of `n` values is finite only while their
+  deviations from the mean stay below about ``sqrt(3.4e38 / n)``
+  (``1.8e19 / sqrt(n)``: 5.8e17 for ``n = 1024``); beyond it the variance is
+  ``inf`` (and the normalizing ops output the bias, as flax and torch do).
+  Rescaling by a per-group power of two before squaring would need the
+  group's largest deviation first, a pass over `x` of its own on the CPU,
+  for data that rarely exists; so the range is documented, not widened.
+  Scale such data first, or pass float64 (with ``jax_enable_x64``).
+
+  A complex `x` (as flax allows) gets a complex mean and the real variance
+  :math:`\frac1n \sum |x_i - \mu|^2`.
+
   Args:
-    x: floating-point array of any shape.
+    x: floating-point (or complex) array of any shape.
     axis: an axis or tuple of axes to reduce over.
     where: optional boolean mask broadcastable to `x`; True marks valid elements.
     axis_name: optional name (or tuple of names) of a mapped axis (`pmap`,
@@ -310,14 +413,50 @@ def moments(
     >>> mean, var
     (Array([2., 4.], dtype=float32), Array([1., 4.], dtype=float32))
   """
-  x = _validation.floating_input(x)
+  x = _validation.floating_input(x, allow_complex=True)
   axes = _validation.canonical_axes(axis, x.ndim, "axis")
   mask = _validation.broadcast_mask(where, x.shape)
   acc = _validation.accumulation_dtype(x.dtype)
-  stats = compute(
-      x.astype(acc), axes, mask, centered=True, axis_name=axis_name, axis_index_groups=axis_index_groups
+  return _moments_program(
+      x,
+      mask,
+      axes=axes,
+      axis_name=_validation.axis_name(axis_name),
+      axis_index_groups=_validation.axis_index_groups(axis_index_groups),
+      dtype=acc,
+      keepdims=keepdims,
   )
+
+
+# One program, also when called eagerly: its outputs are the statistics alone,
+# so NaN padding in `x` is never the output of an eager operation (which
+# `jax_debug_nans` would flag), and the call dispatches once.
+@functools.partial(jax.jit, static_argnames=("axes", "axis_name", "axis_index_groups", "dtype", "keepdims"))
+def _moments_program(x, mask, *, axes, axis_name, axis_index_groups, dtype, keepdims):
+  if jnp.issubdtype(dtype, jnp.complexfloating):
+    xa = masked_zero(x.astype(dtype), None if mask is None else mask | jnp.isfinite(x))
+    stats = complex_compute(
+        xa, axes, mask, centered=True, axis_name=axis_name, axis_index_groups=axis_index_groups, dtype=dtype
+    )
+  else:
+    stats = compute(
+        x.astype(dtype), axes, mask, centered=True, axis_name=axis_name, axis_index_groups=axis_index_groups
+    )
   mean, var = stats.mean, stats.var
   if not keepdims:
     mean, var = jnp.squeeze(mean, axes), jnp.squeeze(var, axes)
   return mean, var
+
+
+@functools.partial(jax.jit, static_argnames=("axes", "centered", "axis_name", "axis_index_groups", "dtype"))
+def compute_program(x, mask, *, axes, centered, axis_name=None, axis_index_groups=None, dtype=None) -> Moments:
+  """`compute` as one program, eagerly too: for callers outside the kernel (batch renorm, `Standardizer`).
+
+  Its outputs are the statistics alone, so no full-size intermediate (``x -
+  shift`` of NaN padding, say) is ever the output of an eager operation,
+  which `jax_debug_nans` would flag.
+  """
+  return compute(
+      x.astype(x.dtype if dtype is None else dtype), axes, mask, centered=centered, axis_name=axis_name,
+      axis_index_groups=axis_index_groups, dtype=dtype,
+  )

@@ -42,13 +42,19 @@ def normalize(
     >>> jaxnorm.normalize(jnp.array([[1., 5.]]), jnp.array([1., 1.]), jnp.array([4., 4.]), epsilon=1e-12)
     Array([[0., 2.]], dtype=float32)
   """
-  x = _validation.floating_input(x)
+  x = _validation.floating_input(x, allow_complex=True)
   operands = {"mean": mean, "var": var, "scale": scale, "bias": bias}
   checked = {
-      k: None if v is None else _validation.broadcast_operand(v, x.shape, k) for k, v in operands.items()
+      # Complex inputs (as flax allows): complex mean and parameters, a real variance.
+      k: None if v is None else _validation.broadcast_operand(v, x.shape, k, allow_complex=k != "var")
+      for k, v in operands.items()
   }
   acc = _validation.accumulation_dtype(*(v.dtype for v in checked.values() if v is not None), x.dtype)
-  multiplier = lax.rsqrt(checked["var"].astype(acc) + _validation.positive_epsilon(epsilon, acc))
+  # Each operand to x's rank first: per-channel statistics of shape (C,) meet
+  # NHWC `x` by explicit broadcasting, as `jax_numpy_rank_promotion="raise"` requires.
+  checked = {k: None if v is None else _validation.to_rank(v, x.ndim) for k, v in checked.items()}
+  real = _validation.real_dtype(acc)
+  multiplier = lax.rsqrt(checked["var"].astype(real) + _validation.positive_epsilon(epsilon, real)).astype(acc)
   if checked["scale"] is not None:
     multiplier = multiplier * checked["scale"].astype(acc)
   y = (x.astype(acc) - checked["mean"].astype(acc)) * multiplier

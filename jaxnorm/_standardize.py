@@ -16,7 +16,10 @@ The mean is held as a float32 estimate plus a small correction (see
 so the normalized output keeps float32 precision (about 5e-7 at a mean of
 1e4 times the spread) instead of losing half an ulp of the mean.
 Every position, valid or not, is normalized with the statistics of the valid
-ones (as flax does); a masked-out value that is NaN or inf is read as 0.
+ones (as flax does); a masked-out value that is NaN or inf is read as 0. A
+group with no valid element has :math:`\hat x = 0` (:math:`r` is set to 0):
+it outputs :math:`\beta`, with zero gradient wrt :math:`x` and :math:`\gamma`,
+instead of :math:`x/\sqrt\epsilon`.
 
 Backward. Write :math:`g = \partial L/\partial y`, :math:`h = \gamma g =
 \partial L / \partial \hat x`, and :math:`\langle\cdot\rangle` for a sum over
@@ -91,6 +94,13 @@ class Spec:
   # With G here, each reduction group also spans C // G consecutive channels
   # of the last axis (group norm); see `_moments.group_sum`.
   channel_groups: int | None = None
+  # With a shape here, `x` (and the output) keep their own shape, and the
+  # normalization runs on the reshaped view of this shape, which `axes`,
+  # the parameters and the mask refer to (ghost batch norm's virtual
+  # batches). The reshape happens inside the kernel, so that the residual
+  # the forward saves is the input itself, never a reshaped copy: an extra
+  # output of the compiled forward that `jax_debug_nans` would inspect.
+  view: tuple[int, ...] | None = None
 
 
 def standardize(
@@ -105,21 +115,18 @@ def standardize(
   """Normalizes `x` over `spec.axes` and applies the affine parameters.
 
   `scale` and `bias` are None or arrays of `x.ndim` dimensions that broadcast
-  to `x`; `mask` is None or a boolean array of `x.shape`. Arguments are
+  to `x` (to `spec.view` with a view); `mask` is None or a boolean array of
+  `x.shape` (of `spec.view`). Arguments are
   assumed checked (see `_validation`). With `custom_vjp=False` the same
   forward is differentiated by plain autodiff, which forward mode needs.
   """
-  # A copy, free under jit, works around a JAX bug: a NumPy array closed over
-  # and vmapped inside jit reaches a custom_vjp as a non-canonical constant.
-  x = jnp.array(x)
-  mask = None if mask is None else jnp.array(mask)
   # Under shard_map, parameters replicated across devices must vary like `x`
   # before they enter the custom VJP: their cotangents vary, and JAX sums them
   # over the devices when it transposes this cast.
   scale, bias, mask = _moments.vary_like(x, scale, bias, mask)
   if custom_vjp:
     return _standardize_vjp(x, scale, bias, mask, spec)
-  return _forward(x, scale, bias, mask, spec)[0]
+  return _forward(x, scale, bias, mask, spec, portable=True)[0]
 
 
 def _readable(x: jax.Array, mask: jax.Array | None) -> jax.Array | None:
@@ -127,7 +134,12 @@ def _readable(x: jax.Array, mask: jax.Array | None) -> jax.Array | None:
   return None if mask is None else mask | jnp.isfinite(x)
 
 
-def _forward(x, scale, bias, mask, spec: Spec, forward_only: bool = False):
+def _view(x, spec: Spec):
+  return x if spec.view is None else x.reshape(spec.view)
+
+
+def _forward(x, scale, bias, mask, spec: Spec, forward_only: bool = False, portable: bool = False):
+  shape, x = x.shape, _view(x, spec)
   stats = _moments.compute(
       x,
       spec.axes,
@@ -138,14 +150,31 @@ def _forward(x, scale, bias, mask, spec: Spec, forward_only: bool = False):
       dtype=spec.acc_dtype,
       channel_groups=spec.channel_groups,
       forward_only=forward_only,
+      portable=portable,
   )
-  rstd = lax.rsqrt(stats.var + spec.epsilon)
+  rstd = _rstd(stats, mask, spec)
   y = _normalized(2, x, mask, stats.shift, stats.offset, rstd, spec.acc_dtype)
   if scale is not None:
     y = y * scale.astype(spec.acc_dtype)
   if bias is not None:
     y = y + bias.astype(spec.acc_dtype)
-  return y.astype(spec.out_dtype), (stats, rstd)
+  return y.astype(spec.out_dtype).reshape(shape), (stats, rstd)
+
+
+def _rstd(stats: _moments.Moments, mask: jax.Array | None, spec: Spec) -> jax.Array:
+  """``(var + epsilon)^(-1/2)``, and 0 for a group with no valid element.
+
+  Such a group has mean 0 and variance 0; ``1/sqrt(epsilon)`` would scale its
+  (meaningless) values by 300-1000. With 0 its x-hat is 0, so it outputs the
+  bias, and the backward, which carries `rstd` in every term of the
+  normalized part, gives it zero gradient wrt `x` and `scale`. A small
+  `where` on the statistics: without a mask every group is valid and nothing
+  is added to the program.
+  """
+  rstd = lax.rsqrt(stats.var + spec.epsilon)
+  if mask is None:
+    return rstd
+  return jnp.where(stats.count > 0, rstd, jnp.zeros((), rstd.dtype))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -181,6 +210,7 @@ def _fwd(x, scale, bias, mask, spec):
 
 def _bwd(spec: Spec, residuals, g):
   x, scale, bias, mask, count, shift, offset, rstd = residuals
+  shape, x, g = x.shape, _view(x, spec), _view(g, spec)
   acc = spec.acc_dtype
   gamma = None if scale is None else scale.astype(acc)
 
@@ -245,7 +275,7 @@ def _bwd(spec: Spec, residuals, g):
   dx = _moments.masked_zero(dx, _readable(x6, mask))
   d_scale = None if d_scale is None else d_scale.astype(scale.dtype)
   d_bias = None if d_bias is None else d_bias.astype(bias.dtype)
-  return dx.astype(x.dtype), d_scale, d_bias, None
+  return dx.astype(x.dtype).reshape(shape), d_scale, d_bias, None
 
 
 def _constant_over(axes: tuple[int, ...], *params: jax.Array | None) -> bool:
@@ -280,6 +310,7 @@ def apply(
     custom_vjp: bool = True,
     with_statistics: bool = False,
     channel_groups: int | None = None,
+    view: tuple[int, ...] | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
   """Validates public arguments and runs `standardize`.
 
@@ -288,35 +319,42 @@ def apply(
   consecutive channels of the last axis;
   `param_axes` are the axes `scale`/`bias` span, whose shape they must have.
   Returns `y`, or with `with_statistics` `(y, mean, var)`, the statistics
-  squeezed to the non-reduced axes. The statistics are computed by plain
+  squeezed to the non-reduced axes. With `view`, a shape of as many elements
+  as `x`, the normalization runs on `x` reshaped to it (which `axes`,
+  `param_axes` and `where` refer to) and `y` has `x`'s shape. The statistics are computed by plain
   differentiable code outside the custom VJP, so that JAX itself transposes
   their collectives (under vmap or shard_map their cotangents arrive already
   summed over devices; under pmap they do not). Under jit, XLA merges these
   reductions with the identical ones inside the kernel.
   """
-  x = _validation.floating_input(x)
-  axes = _validation.canonical_axes(axes, x.ndim, axes_name)
-  param_axes = _validation.canonical_axes(param_axes, x.ndim, "feature_axes")
-  param_shape = tuple(x.shape[a] for a in param_axes)
-  broadcast_shape = tuple(d if i in param_axes else 1 for i, d in enumerate(x.shape))
+  x = _validation.floating_input(x, allow_complex=True)
+  view = None if view is None else tuple(view)
+  vshape = x.shape if view is None else view
+  axes = _validation.canonical_axes(axes, len(vshape), axes_name)
+  param_axes = _validation.canonical_axes(param_axes, len(vshape), "feature_axes")
+  param_shape = tuple(vshape[a] for a in param_axes)
+  broadcast_shape = tuple(d if i in param_axes else 1 for i, d in enumerate(vshape))
   params = []
   for name, p in (("scale", scale), ("bias", bias)):
-    p = _validation.parameter(p, param_shape, name, param_explain)
+    p = _validation.parameter(p, param_shape, name, param_explain, allow_complex=True)
     params.append(None if p is None else p.reshape(broadcast_shape))
   out_dtype = _validation.output_dtype(dtype, x.dtype)
   acc_dtype = _validation.accumulation_dtype(x.dtype, out_dtype, *(p.dtype for p in params if p is not None))
   spec = Spec(
       axes=axes,
       centered=centered,
-      epsilon=_validation.positive_epsilon(epsilon, acc_dtype),
+      epsilon=_validation.positive_epsilon(epsilon, _validation.real_dtype(acc_dtype)),
       out_dtype=out_dtype,
       acc_dtype=acc_dtype,
       # Lists of names (which lax.psum accepts) as tuples: the spec is hashed.
       axis_name=_validation.axis_name(axis_name),
       axis_index_groups=_validation.axis_index_groups(axis_index_groups),
       channel_groups=channel_groups,
+      view=view,
   )
-  mask = _validation.broadcast_mask(where, x.shape)
+  mask = _validation.broadcast_mask(where, vshape)
+  if jnp.issubdtype(acc_dtype, jnp.complexfloating):
+    return _complex_run(x, params[0], params[1], mask, spec=spec, with_statistics=with_statistics)
   return _run(x, params[0], params[1], mask, spec=spec, custom_vjp=custom_vjp, with_statistics=with_statistics)
 
 
@@ -329,7 +367,7 @@ def _run(x, scale, bias, mask, *, spec: Spec, custom_vjp: bool, with_statistics:
   if not with_statistics:
     return y
   stats = _moments.compute(
-      x,
+      _view(x, spec),
       spec.axes,
       mask,
       centered=spec.centered,
@@ -337,5 +375,53 @@ def _run(x, scale, bias, mask, *, spec: Spec, custom_vjp: bool, with_statistics:
       axis_index_groups=spec.axis_index_groups,
       dtype=spec.acc_dtype,
       channel_groups=spec.channel_groups,
+      portable=not custom_vjp,
   )
+  return y, jnp.squeeze(stats.mean, spec.axes), jnp.squeeze(stats.var, spec.axes)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "with_statistics"))
+def _complex_run(x, scale, bias, mask, *, spec: Spec, with_statistics: bool):
+  r"""The normalization of a complex `x` (or of complex parameters), as flax computes it, by plain autodiff.
+
+  .. math::
+      \mu = \tfrac1N \textstyle\sum x, \quad
+      \sigma^2 = \tfrac1N \textstyle\sum |x - \mu|^2, \quad
+      y = \gamma\,(x - \mu)\,(\sigma^2 + \epsilon)^{-1/2} + \beta,
+
+  with :math:`\mu`, :math:`y` complex and :math:`\sigma^2` real (see
+  `_moments.complex_compute`). Differentiated by JAX itself, not by the
+  hand-derived VJP: that one is derived for real :math:`x`, where
+  :math:`\partial v / \partial x = 2 (x - \mu) / N`; for complex :math:`x`
+  the variance is a real function of :math:`x` and :math:`\bar x`, the
+  cotangents follow JAX's convention for complex functions (the conjugate
+  Wirtinger derivative), and every product in the formula would need its
+  conjugate placed by hand. Plain autodiff of the same math gets that right by
+  construction, also for forward mode and higher orders; complex inputs are
+  rare enough that the saved memory pass is not worth a second derivation.
+  Masking, groups without a valid element and `axis_name` behave as on the
+  real path.
+  """
+  acc = spec.acc_dtype
+  shape, x = x.shape, _view(x, spec)
+  xa = _moments.masked_zero(x.astype(acc), _readable(x, mask))
+  stats = _moments.complex_compute(
+      xa,
+      spec.axes,
+      mask,
+      centered=spec.centered,
+      axis_name=spec.axis_name,
+      axis_index_groups=spec.axis_index_groups,
+      dtype=acc,
+      channel_groups=spec.channel_groups,
+  )
+  rstd = _rstd(stats, mask, spec).astype(acc)
+  y = ((xa - stats.shift) - stats.offset) * rstd
+  if scale is not None:
+    y = y * scale.astype(acc)
+  if bias is not None:
+    y = y + bias.astype(acc)
+  y = y.astype(spec.out_dtype).reshape(shape)
+  if not with_statistics:
+    return y
   return y, jnp.squeeze(stats.mean, spec.axes), jnp.squeeze(stats.var, spec.axes)

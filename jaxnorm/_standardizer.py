@@ -256,7 +256,7 @@ class Standardizer:
     valid = ~jnp.isnan(x) if mask is None else mask & ~jnp.isnan(x)
     dtype = jnp.dtype(state.mean.dtype)
     acc = _validation.accumulation_dtype(x.dtype, dtype)
-    m = _moments.compute(x.astype(acc), axes, valid, centered=True)
+    m = _moments.compute_program(x, valid, axes=axes, centered=True, dtype=acc)
     mean, residual = _two_sum(m.shift, m.offset)
     mean_state = mean.astype(dtype)
     # Whatever rounding `mean` to the state's dtype loses goes into the residual.

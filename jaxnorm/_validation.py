@@ -22,9 +22,30 @@ import numpy as np
 Axes = int | Sequence[int]
 
 
-def floating_input(x: Any, name: str = "x") -> jax.Array:
-  """Returns `x` as a JAX array, or raises `TypeError` unless it is real floating point."""
-  x = jnp.asarray(x) if not isinstance(x, jax.Array) else x
+def as_array(x: Any) -> jax.Array:
+  """`x` as a JAX array, NumPy arrays moved with `jax.device_put`.
+
+  Run eagerly, `jnp.asarray` of a NumPy array is an operation of its own
+  (JAX's `stage`), whose output `jax_debug_nans`/`jax_debug_infs` inspect: a
+  NaN-padded input whose padding is masked out would raise there before any
+  masking could happen. `device_put` moves the data and is not checked.
+  """
+  if isinstance(x, jax.Array):
+    return x
+  if isinstance(x, (np.ndarray, np.generic)) and not isinstance(x, np.bool_):
+    return jax.device_put(x)
+  return jnp.asarray(x)
+
+
+def floating_input(x: Any, name: str = "x", *, allow_complex: bool = False) -> jax.Array:
+  """Returns `x` as a JAX array, or raises `TypeError` unless it is real floating point (or complex, if allowed).
+
+  `allow_complex` is set by the ops that support complex inputs as flax
+  does (batch, layer, RMS, group and instance norm, `moments`, `normalize`).
+  """
+  x = as_array(x)
+  if allow_complex and jnp.issubdtype(x.dtype, jnp.complexfloating):
+    return x
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise TypeError(
         f"`{name}` must be a real floating-point array, got dtype {x.dtype}; "
@@ -33,14 +54,57 @@ def floating_input(x: Any, name: str = "x") -> jax.Array:
   return x
 
 
+def promoted_dtype(*args: Any, dtype: Any = None) -> np.dtype:
+  """flax's output-dtype rule (`flax.linen.dtypes.canonicalize_dtype`): `dtype` if given, else the promotion of `args`.
+
+  None entries are skipped; an integer promotion becomes float32. Unlike
+  flax's helper, this reads only the dtypes: it never converts an argument
+  with `jnp.asarray`, which run eagerly on an input holding NaN padding is an
+  operation whose output `jax_debug_nans` flags. And the rule is applied
+  under standard promotion, also when the caller runs with
+  ``jax_numpy_dtype_promotion="strict"``: a module that mixes a bfloat16
+  input with its own float32 parameters or state promotes by its documented
+  rule, then casts explicitly, instead of failing.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from jaxnorm._validation import promoted_dtype
+    >>> promoted_dtype(jnp.ones(2, jnp.bfloat16), None, jnp.ones(2, jnp.bfloat16))
+    dtype(bfloat16)
+  """
+  if dtype is None:
+    with jax.numpy_dtype_promotion("standard"):
+      dtype = jnp.result_type(*(a.dtype if hasattr(a, "dtype") else a for a in args if a is not None))
+    if not jnp.issubdtype(dtype, jnp.inexact):
+      dtype = jnp.promote_types(jnp.float32, dtype)
+  dtype = np.dtype(jnp.dtype(dtype))
+  if not jnp.issubdtype(dtype, jnp.inexact):
+    raise ValueError(f"Dtype must be inexact: {dtype}")
+  return dtype
+
+
 def accumulation_dtype(*dtypes: Any) -> np.dtype:
-  """The dtype statistics are accumulated in: at least float32 (float64 stays float64)."""
-  return np.dtype(jnp.promote_types(jnp.result_type(*dtypes), jnp.float32))
+  """The dtype statistics are accumulated in: at least float32 (float64 stays float64).
+
+  A rule of the library, not a promotion of the caller's arrays, so it is
+  decided under standard promotion even when the caller runs with
+  ``jax_numpy_dtype_promotion="strict"`` (where bfloat16 and float32 have no
+  common type); every array is then cast to it explicitly.
+  """
+  with jax.numpy_dtype_promotion("standard"):
+    return np.dtype(jnp.promote_types(jnp.result_type(*dtypes), jnp.float32))
+
+
+def real_dtype(dtype: Any) -> np.dtype:
+  """The real counterpart of a floating or complex dtype: float32 for complex64, float64 for complex128."""
+  return np.dtype(jnp.finfo(dtype).dtype)
 
 
 def output_dtype(dtype: Any, default: Any) -> np.dtype:
-  """The requested output `dtype` (`default` when None); raises `TypeError` unless it is floating point."""
+  """The requested output `dtype` (`default` when None); raises `TypeError` unless it is floating point (complex too, for a complex `default`)."""
   out = np.dtype(default if dtype is None else jnp.dtype(dtype))
+  if jnp.issubdtype(out, jnp.complexfloating) and jnp.issubdtype(default, jnp.complexfloating):
+    return out
   if not jnp.issubdtype(out, jnp.floating):
     raise TypeError(f"`dtype` must be a floating-point dtype, got {out}.")
   return out
@@ -243,11 +307,13 @@ def _is_array(value: Any) -> bool:
   return isinstance(value, (np.ndarray, np.generic, jax.Array)) and not isinstance(value, numbers.Real)
 
 
-def parameter(p: Any, shape: tuple[int, ...], name: str, explain: str) -> jax.Array | None:
-  """Checks that an affine parameter is None or a floating array of exactly `shape`."""
+def parameter(
+    p: Any, shape: tuple[int, ...], name: str, explain: str, *, allow_complex: bool = False
+) -> jax.Array | None:
+  """Checks that an affine parameter is None or a floating (or, if allowed, complex) array of exactly `shape`."""
   if p is None:
     return None
-  p = floating_input(p, name)
+  p = floating_input(p, name, allow_complex=allow_complex)
   if tuple(p.shape) != tuple(shape):
     raise ValueError(f"`{name}` must have shape {tuple(shape)} ({explain}), got {tuple(p.shape)}.")
   return p
@@ -295,9 +361,9 @@ def broadcast_mask(where: Any, shape: tuple[int, ...], name: str = "where") -> j
   return jnp.broadcast_to(where, shape)
 
 
-def broadcast_operand(a: Any, shape: tuple[int, ...], name: str) -> jax.Array:
+def broadcast_operand(a: Any, shape: tuple[int, ...], name: str, *, allow_complex: bool = False) -> jax.Array:
   """Checks that a statistic or parameter broadcasts to the input `shape` without growing it."""
-  a = floating_input(a, name)
+  a = floating_input(a, name, allow_complex=allow_complex)
   try:
     target = jnp.broadcast_shapes(a.shape, shape)
   except ValueError:
@@ -305,6 +371,11 @@ def broadcast_operand(a: Any, shape: tuple[int, ...], name: str) -> jax.Array:
   if target != tuple(shape):
     raise ValueError(f"`{name}` of shape {tuple(a.shape)} does not broadcast to the input shape {tuple(shape)}.")
   return a
+
+
+def to_rank(a: jax.Array, ndim: int) -> jax.Array:
+  """`a` with leading size-1 axes up to rank `ndim`: NumPy's broadcasting made explicit (for rank promotion "raise")."""
+  return a.reshape((1,) * (ndim - a.ndim) + tuple(a.shape)) if a.ndim < ndim else a
 
 
 def keepdims_shape(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, ...]:

@@ -6,7 +6,8 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-from flax.linen import dtypes
+
+from jaxnorm import _validation
 
 
 def affine_parameters(
@@ -20,4 +21,4 @@ def affine_parameters(
 
 def output_dtype(x: jax.Array, *params: jax.Array | None, dtype: Any) -> Any:
   """flax's rule: `dtype` if given, else the promotion of the input and the parameters."""
-  return dtypes.canonicalize_dtype(x, *(p for p in params if p is not None), dtype=dtype)
+  return _validation.promoted_dtype(x, *params, dtype=dtype)

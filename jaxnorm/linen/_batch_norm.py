@@ -126,7 +126,7 @@ class BatchNorm(nn.Module):
     Returns:
       The normalized input, shaped like `x`.
     """
-    x = _validation.floating_input(x)
+    x = _validation.floating_input(x, allow_complex=True)
     feature_axes = _validation.canonical_axes(self.axis, x.ndim, "axis")
     feature_shape = tuple(x.shape[a] for a in feature_axes)
     running = RunningStatistics(self, feature_shape, stats_dtype(x.dtype, self.dtype))
@@ -151,6 +151,9 @@ class BatchNorm(nn.Module):
         axis_name=None if self.is_initializing() else self.axis_name,
         axis_index_groups=self.axis_index_groups,
         dtype=dtype,
+        # flax's init computes without `axis_name`; a per-example (rank-1)
+        # input under vmap then has no batch axis, and that must not fail.
+        _no_batch_axis_ok=self.is_initializing(),
     )
     running.update(mean, var, count)
     return y

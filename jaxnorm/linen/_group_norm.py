@@ -80,7 +80,7 @@ class GroupNorm(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
     """Normalizes `x`; `mask` (broadcastable to `x`) selects the positions that enter the statistics."""
-    x = _validation.floating_input(x)
+    x = _validation.floating_input(x, allow_complex=True)
     if self.reduction_axes is None:
       reduction_axes = list(range(1, x.ndim - 1)) + [-1]
     else:
@@ -149,7 +149,7 @@ class InstanceNorm(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
     """Normalizes `x`; `mask` (broadcastable to `x`) selects the positions that enter the statistics."""
-    x = _validation.floating_input(x)
+    x = _validation.floating_input(x, allow_complex=True)
     feature_axes = _validation.canonical_axes(self.feature_axes, x.ndim, "feature_axes")
     if 0 in feature_axes:
       raise ValueError(

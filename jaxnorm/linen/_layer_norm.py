@@ -16,7 +16,7 @@ from jaxnorm.linen._affine import affine_parameters, output_dtype
 
 def _per_example(module: nn.Module, x: jax.Array, mask: jax.Array | None, *, centered: bool) -> jax.Array:
   """The shared body of LayerNorm and RMSNorm: statistics over `reduction_axes`, parameters over `feature_axes`."""
-  x = _validation.floating_input(x)
+  x = _validation.floating_input(x, allow_complex=True)
   feature_axes = _validation.canonical_axes(module.feature_axes, x.ndim, "feature_axes")
   feature_shape = tuple(x.shape[a] for a in feature_axes)
   scale, bias = affine_parameters(

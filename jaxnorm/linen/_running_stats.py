@@ -158,7 +158,11 @@ class RunningStatistics:
       return
     self._check_state()
     self.mean = module.variable("batch_stats", "mean", lambda s: jnp.zeros(s, self.dtype), feature_shape)
-    self.var = module.variable("batch_stats", "var", lambda s: jnp.ones(s, self.dtype), feature_shape)
+    # The variance is real also for complex inputs (flax's `mean(|x - mean|^2)`); the mean of a
+    # complex input is complex from init on (flax's turns complex at its first update).
+    self.var = module.variable(
+        "batch_stats", "var", lambda s: jnp.ones(s, _validation.real_dtype(self.dtype)), feature_shape
+    )
     if self.convention == "torch":
       self.num_batches_tracked = module.variable("batch_stats", "num_batches_tracked", lambda: jnp.zeros((), jnp.int32))
     # Loaded statistics (a checkpoint of another width) would otherwise be
@@ -217,9 +221,10 @@ class RunningStatistics:
     kept); `mask` is None or broadcastable to `shape`.
 
     Returns the number of valid values per statistic, summed over devices,
-    when the update needs it (``convention="torch"``): a Python int without a
-    mask (no reduction), else an array shaped like the statistics. Returns
-    None when it is not needed.
+    when the update needs it: with a mask (an array shaped like the
+    statistics: a feature without any valid value keeps its running
+    statistics), and under ``convention="torch"`` (a Python int without a
+    mask). Returns None when it is not needed.
 
     Raises:
       ValueError: in training outside `init`, when every feature has a single
@@ -241,7 +246,7 @@ class RunningStatistics:
           "every output would equal the bias and no gradient would flow. Train with more than one value "
           "per feature, or use `use_running_average=True` (inference) for a single example."
       )
-    if not (self.tracking and self.convention == "torch"):
+    if not self.tracking or (mask is None and self.convention != "torch"):
       return None
     if mask is None:
       return static
@@ -258,6 +263,12 @@ class RunningStatistics:
     carry leading group axes (ghost batch norm's virtual batches) over which
     they are averaged, after each group's unbiased correction under
     ``convention="torch"``. `count` is what `training_count` returned.
+
+    A statistic with no valid value (count 0: every value of that feature, or
+    of that virtual batch, masked out) has batch mean and variance 0, which
+    say nothing about the data: it is left out of the average over groups,
+    and a feature with no valid value in any group keeps its running mean
+    and variance (flax would pull them towards 0).
     """
     if not self.tracking or self.module.is_initializing():
       return
@@ -269,12 +280,17 @@ class RunningStatistics:
           "`variables = {**variables, **updates}`; or, for inference, use `use_running_average=True`."
       )
     batch_mean = batch_mean.astype(self.dtype)
-    batch_var = batch_var.astype(self.dtype)
+    batch_var = batch_var.astype(_validation.real_dtype(self.dtype))
     group_axes = tuple(range(batch_mean.ndim - self.mean.value.ndim))
+    valid = None if isinstance(count, int) or count is None else jnp.asarray(count) > 0
     if self.convention == "flax":
       m = self.momentum
-      self.mean.value = m * self.mean.value + (1 - m) * _group_mean(batch_mean, group_axes)
-      self.var.value = m * self.var.value + (1 - m) * _group_mean(batch_var, group_axes)
+      self.mean.value = _keep_unseen(
+          m * self.mean.value + (1 - m) * _group_mean(batch_mean, group_axes, valid), self.mean.value, valid, group_axes
+      )
+      self.var.value = _keep_unseen(
+          m * self.var.value + (1 - m) * _group_mean(batch_var, group_axes, valid), self.var.value, valid, group_axes
+      )
       return
     # PyTorch: the running variance is the unbiased one, n / (n - 1); a group
     # with at most one valid value has variance 0 and stays 0.
@@ -288,8 +304,12 @@ class RunningStatistics:
       m = 1 / steps.astype(self.dtype)  # cumulative average: the k-th batch weighs 1 / k
     else:
       m = self.momentum
-    self.mean.value = (1 - m) * self.mean.value + m * _group_mean(batch_mean, group_axes)
-    self.var.value = (1 - m) * self.var.value + m * _group_mean(batch_var, group_axes)
+    self.mean.value = _keep_unseen(
+        (1 - m) * self.mean.value + m * _group_mean(batch_mean, group_axes, valid), self.mean.value, valid, group_axes
+    )
+    self.var.value = _keep_unseen(
+        (1 - m) * self.var.value + m * _group_mean(batch_var, group_axes, valid), self.var.value, valid, group_axes
+    )
     self.num_batches_tracked.value = steps
 
   def normalize(
@@ -320,8 +340,22 @@ class RunningStatistics:
     return y.astype(dtype)
 
 
-def _group_mean(a: jax.Array, group_axes: tuple[int, ...]) -> jax.Array:
-  return a.mean(group_axes) if group_axes else a
+def _group_mean(a: jax.Array, group_axes: tuple[int, ...], valid: jax.Array | None = None) -> jax.Array:
+  """The mean of `a` over `group_axes`, over the groups where `valid` (shaped like `a`) only."""
+  if not group_axes:
+    return a
+  if valid is None:
+    return a.mean(group_axes)
+  total = jnp.sum(jnp.where(valid, a, jnp.zeros((), a.dtype)), group_axes)
+  return total / jnp.maximum(jnp.sum(valid, group_axes), 1).astype(a.dtype)
+
+
+def _keep_unseen(new: jax.Array, old: jax.Array, valid: jax.Array | None, group_axes: tuple[int, ...]) -> jax.Array:
+  """`new`, except where a feature had no valid value (in any group): there `old`."""
+  if valid is None:
+    return new
+  seen = jnp.any(valid, group_axes) if group_axes else valid
+  return jnp.where(seen, new, old)
 
 
 def _convention(module: nn.Module) -> str:

@@ -7,7 +7,7 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax.linen import dtypes
+from jaxnorm import _validation
 from flax.typing import Dtype
 
 import jaxnorm
@@ -104,7 +104,7 @@ class SpectralNorm(nn.Module):
         u_var.value,
         n_steps=self.n_steps,
         epsilon=self.epsilon,
-        dtype=dtypes.canonicalize_dtype(value, u_var.value, dtype=self.dtype),
+        dtype=_validation.promoted_dtype(value, u_var.value, dtype=self.dtype),
     )
     if update_stats:
       u_var.value = u

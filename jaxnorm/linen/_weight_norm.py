@@ -10,7 +10,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax.linen import dtypes
+import numpy as np
 from flax.typing import Axes, Dtype, Initializer
 from jax.nn import initializers
 
@@ -154,7 +154,7 @@ class WeightNorm(nn.Module):
         scale,
         feature_axes=features,
         epsilon=self.epsilon,
-        dtype=dtypes.canonicalize_dtype(value, *(() if scale is None else (scale,)), dtype=self.dtype),
+        dtype=_validation.promoted_dtype(value, scale, dtype=self.dtype),
     )
 
   def _data_dependent_init(self, y, normalized):
@@ -184,11 +184,14 @@ class WeightNorm(nn.Module):
     mean, var = jaxnorm.moments(y, tuple(range(y.ndim - 1)))
     rstd = jax.lax.rsqrt(var + _validation.positive_epsilon(self.data_init_epsilon))
     scale = self.get_variable("params", name + "/scale")
-    self.put_variable("params", name + "/scale", (scale * rstd).astype(scale.dtype))
+    self.put_variable("params", name + "/scale", (scale.astype(rstd.dtype) * rstd).astype(scale.dtype))
+    # Computed in the statistics' dtype, per-feature statistics broadcast
+    # explicitly (clean under strict dtype and rank promotion).
+    ya, mean_y, rstd_y = y.astype(rstd.dtype), _validation.to_rank(mean, y.ndim), _validation.to_rank(rstd, y.ndim)
     if bias is None:
-      return (y * rstd).astype(y.dtype)
-    layer.put_variable("params", "bias", ((bias - mean) * rstd).astype(bias.dtype))
-    return ((y - mean) * rstd).astype(y.dtype)
+      return (ya * rstd_y).astype(y.dtype)
+    layer.put_variable("params", "bias", ((bias.astype(rstd.dtype) - mean) * rstd).astype(bias.dtype))
+    return ((ya - mean_y) * rstd_y).astype(y.dtype)
 
 
 class MeanOnlyBatchNorm(nn.Module):
@@ -264,7 +267,6 @@ class MeanOnlyBatchNorm(nn.Module):
     if not reduced:
       raise ValueError(f"`axis`={self.axis!r} covers every axis of the input: there is no batch to average over.")
     feature_shape = tuple(x.shape[a] for a in feature_axes)
-    stats_shape = _validation.keepdims_shape(x.shape, reduced)
     ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), feature_shape)
     _validation.state_shape(ra_mean.value, feature_shape, "batch_stats/mean")
     momentum = _validation.momentum(self.momentum)
@@ -272,27 +274,44 @@ class MeanOnlyBatchNorm(nn.Module):
     dtype = output_dtype(x, bias, dtype=self.dtype)
     acc = _validation.accumulation_dtype(x.dtype, *(() if bias is None else (bias.dtype,)))
     mask = _validation.broadcast_mask(mask, x.shape)
-    xa = x.astype(acc)
-    xa = _moments.masked_zero(xa, None if mask is None else mask | jnp.isfinite(xa))
+    y, mean = _mean_only(
+        x,
+        mask,
+        ra_mean.value,
+        bias,
+        reduced=reduced,
+        acc=acc,
+        dtype=np.dtype(dtype),
+        use_running_average=bool(use_running_average),
+        # At init the mapped axis need not exist yet, as in flax.
+        axis_name=None if self.is_initializing() else _validation.axis_name(self.axis_name),
+        axis_index_groups=_validation.axis_index_groups(self.axis_index_groups),
+    )
+    if not use_running_average and not self.is_initializing():
+      ra_mean.value = momentum * ra_mean.value + (1 - momentum) * mean
+    return y
 
-    if use_running_average:
-      y = xa - ra_mean.value.astype(acc).reshape(stats_shape)
-    else:
-      stats = _moments.compute(
-          xa,
-          reduced,
-          mask,
-          centered=True,
-          # At init the mapped axis need not exist yet, as in flax.
-          axis_name=None if self.is_initializing() else _validation.axis_name(self.axis_name),
-          axis_index_groups=_validation.axis_index_groups(self.axis_index_groups),
-      )
-      # Two subtractions: x - shift is exact for x near the mean, so the
-      # output keeps float32 precision when |mean| >> spread.
-      y = (xa - stats.shift) - stats.offset
-      if not self.is_initializing():
-        mean = stats.mean.reshape(feature_shape)
-        ra_mean.value = momentum * ra_mean.value + (1 - momentum) * mean
-    if bias is not None:
-      y = y + bias.astype(acc).reshape(stats_shape)
-    return y.astype(dtype)
+
+# One program, also when called eagerly: NaN padding of `x` is never the
+# output of an eager operation (which `jax_debug_nans` would flag).
+@functools.partial(
+    jax.jit, static_argnames=("reduced", "acc", "dtype", "use_running_average", "axis_name", "axis_index_groups")
+)
+def _mean_only(x, mask, ra_mean, bias, *, reduced, acc, dtype, use_running_average, axis_name, axis_index_groups):
+  """Mean-only batch norm: ``y = x - mean (+ bias)`` and the batch mean (feature-shaped), in `acc`."""
+  stats_shape = _validation.keepdims_shape(x.shape, reduced)
+  xa = x.astype(acc)
+  xa = _moments.masked_zero(xa, None if mask is None else mask | jnp.isfinite(xa))
+  if use_running_average:
+    y, mean = xa - ra_mean.astype(acc).reshape(stats_shape), ra_mean.astype(acc)
+  else:
+    stats = _moments.compute(
+        xa, reduced, mask, centered=True, axis_name=axis_name, axis_index_groups=axis_index_groups
+    )
+    # Two subtractions: x - shift is exact for x near the mean, so the
+    # output keeps float32 precision when |mean| >> spread.
+    y = (xa - stats.shift) - stats.offset
+    mean = stats.mean.reshape(ra_mean.shape)
+  if bias is not None:
+    y = y + bias.astype(acc).reshape(stats_shape)
+  return y.astype(dtype), mean

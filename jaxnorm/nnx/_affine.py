@@ -17,7 +17,9 @@ from typing import Any
 
 import jax
 from flax import nnx
-from flax.nnx.nn import dtypes
+from flax.nnx.nn import dtypes as _flax_dtypes
+
+from jaxnorm import _validation
 
 NO_METADATA: Mapping[str, Any] = MappingProxyType({})
 
@@ -64,4 +66,30 @@ def as_features(a: jax.Array | None, shape: tuple[int, ...]) -> jax.Array | None
 
 def output_dtype(*args: Any, dtype: Any) -> Any:
   """flax's rule: `dtype` if given, else the promotion of the (non-None) arguments."""
-  return dtypes.canonicalize_dtype(*args, dtype=dtype)
+  return _validation.promoted_dtype(*args, dtype=dtype)
+
+
+def promote(module: Any, arrays: tuple[Any, ...], *, dtype: Any) -> tuple[Any, ...]:
+  """``module.promote_dtype(arrays, dtype=dtype)``, flax.nnx's promotion, without casts that change nothing.
+
+  With flax's default `promote_dtype`, the result is the same, but an array
+  already of the target dtype is returned as is: flax's ``jnp.asarray(x,
+  dtype)`` is an eager operation of its own, whose output `jax_debug_nans`
+  flags on an input with (masked-out) NaN padding. A `promote_dtype` of the
+  user's own is called unchanged.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from jaxnorm.nnx import _affine
+    >>> x = jnp.ones(3)
+    >>> _affine.promote(nnx.LayerNorm(3, rngs=nnx.Rngs(0)), (x, None), dtype=None)[0] is x
+    True
+  """
+  if getattr(module, "promote_dtype", _flax_dtypes.promote_dtype) is not _flax_dtypes.promote_dtype:
+    return module.promote_dtype(arrays, dtype=dtype)
+  target = _validation.promoted_dtype(*arrays, dtype=dtype)
+  return tuple(
+      None if a is None else a if getattr(a, "dtype", None) == target else jax.numpy.asarray(a, target)
+      for a in arrays
+  )

@@ -104,7 +104,7 @@ class GroupNorm(nnx.Module):
 
   def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
     """Normalizes `x` of shape ``(..., num_features)``; `mask` selects the positions that enter the statistics."""
-    x = _validation.floating_input(x)
+    x = _validation.floating_input(x, allow_complex=True)
     if x.ndim < 1 or x.shape[-1] != self.num_features:
       raise ValueError(
           f"GroupNorm expects a channels-last x of shape (..., num_features={self.num_features}), "
@@ -120,7 +120,8 @@ class GroupNorm(nnx.Module):
           f"`reduction_axes`={self.reduction_axes!r} must include the final dimension, "
           "as this is assumed to be the feature axis."
       )
-    x, scale, bias = self.promote_dtype(
+    x, scale, bias = _affine.promote(
+        self,
         (x, _affine.value(self.scale), _affine.value(self.bias)), dtype=self.dtype
     )
     return _group_norm.standardize_groups(
@@ -197,7 +198,7 @@ class InstanceNorm(nnx.Module):
 
   def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
     """Normalizes `x`; `mask` (broadcastable to `x`) selects the positions that enter the statistics."""
-    x = _validation.floating_input(x)
+    x = _validation.floating_input(x, allow_complex=True)
     feature_axes = _validation.canonical_axes(self.feature_axes, x.ndim, "feature_axes")
     if 0 in feature_axes:
       raise ValueError(
@@ -205,7 +206,8 @@ class InstanceNorm(nnx.Module):
           "as this is assumed to be the batch axis."
       )
     shape = _affine.feature_shape(x, feature_axes, self.num_features, "feature_axes")
-    x, scale, bias = self.promote_dtype(
+    x, scale, bias = _affine.promote(
+        self,
         (x, _affine.value(self.scale), _affine.value(self.bias)), dtype=self.dtype
     )
     return _standardize.apply(

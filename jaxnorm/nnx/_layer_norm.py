@@ -18,15 +18,15 @@ from jaxnorm.nnx._affine import NO_METADATA
 
 def per_example(module: nnx.Module, x: jax.Array, mask: jax.Array | None, *, centered: bool) -> jax.Array:
   """The shared body of LayerNorm and RMSNorm: statistics over `reduction_axes`, parameters along `feature_axes`."""
-  x = _validation.floating_input(x)
+  x = _validation.floating_input(x, allow_complex=True)
   feature_axes = _validation.canonical_axes(module.feature_axes, x.ndim, "feature_axes")
   shape = _affine.feature_shape(x, feature_axes, module.num_features, "feature_axes")
   scale = _affine.value(module.scale)
   bias = _affine.value(module.bias) if centered else None
   if centered:
-    x, scale, bias = module.promote_dtype((x, scale, bias), dtype=module.dtype)
+    x, scale, bias = _affine.promote(module, (x, scale, bias), dtype=module.dtype)
   else:
-    x, scale = module.promote_dtype((x, scale), dtype=module.dtype)
+    x, scale = _affine.promote(module, (x, scale), dtype=module.dtype)
   return _standardize.apply(
       x,
       _affine.as_features(scale, shape),

@@ -19,7 +19,7 @@ from flax import nnx
 from jax import lax
 
 import jaxnorm
-from jaxnorm import _validation
+from jaxnorm import _moments, _validation
 from jaxnorm.nnx import _affine
 
 
@@ -58,8 +58,11 @@ class TrainEvalSwitch:
     )
 
 
-def ema_update(variable: nnx.Variable, batch_value: jax.Array, momentum: float) -> None:
+def ema_update(variable: nnx.Variable, batch_value: jax.Array, momentum: float, seen: jax.Array | None = None) -> None:
   """flax's moving average ``ra = m ra + (1 - m) batch``, stored in the variable's own shape and dtype.
+
+  Where `seen` (None, or a boolean array of the variable's size) is False,
+  the feature had no valid value in the batch and keeps its value.
 
   The storage dtype never changes (float32 by default, whatever the input
   dtype), so a module's state keeps the same avals from step to step, which
@@ -70,7 +73,14 @@ def ema_update(variable: nnx.Variable, batch_value: jax.Array, momentum: float) 
   # reassigned after construction.
   momentum = _validation.momentum(momentum)
   old = variable[...]
-  new = momentum * old + (1 - momentum) * batch_value.reshape(old.shape)
+  batch_value = batch_value.reshape(old.shape)
+  if jnp.iscomplexobj(batch_value) and not jnp.iscomplexobj(old):
+    # flax.nnx's state is real (created before any input is seen): like flax.nnx, keep the real part
+    # of a complex input's mean, explicitly (flax casts, with a ComplexWarning).
+    batch_value = jnp.real(batch_value)
+  new = momentum * old + (1 - momentum) * batch_value
+  if seen is not None:
+    new = jnp.where(seen.reshape(old.shape), new, old)
   variable[...] = lax.stop_gradient(new).astype(old.dtype)
 
 
@@ -168,12 +178,13 @@ class BatchStatistics(TrainEvalSwitch, nnx.Module):
       The normalized input, shaped like `x`.
     """
     use_running_average = self._resolve_use_running_average(use_running_average)
-    x = _validation.floating_input(x)
+    x = _validation.floating_input(x, allow_complex=True)
     mask = _validation.boolean_mask(mask, "mask")
     axes = _validation.canonical_axes(self.axis, x.ndim, "axis")
     shape = _affine.feature_shape(x, axes, self.num_features, "axis")
     # flax.nnx's promotion: the input, the statistics and the parameters together.
-    x, _, _, scale, bias = self.promote_dtype(
+    x, _, _, scale, bias = _affine.promote(
+        self,
         (x, self.mean[...], self.var[...], _affine.value(self.scale), _affine.value(self.bias)), dtype=self.dtype
     )
     dtype = _affine.output_dtype(x, scale, bias, dtype=self.dtype)
@@ -183,8 +194,11 @@ class BatchStatistics(TrainEvalSwitch, nnx.Module):
           x, self.mean[...], self.var[...], scale, bias, axes=axes, epsilon=self.epsilon, dtype=dtype
       )
     y, mean, var = self._train(x, scale, bias, axes=axes, mask=mask, dtype=dtype)
-    ema_update(self.mean, mean, self.momentum)
-    ema_update(self.var, var, self.momentum)
+    # A feature with no valid value keeps its running statistics (its batch
+    # statistics are 0 and say nothing about the data).
+    seen = _moments.any_valid(mask, x.shape, axes, self.axis_name, self.axis_index_groups)
+    ema_update(self.mean, mean, self.momentum, seen)
+    ema_update(self.var, var, self.momentum, seen)
     return y
 
   def _train(self, x, scale, bias, *, axes, mask, dtype) -> tuple[jax.Array, jax.Array, jax.Array]:

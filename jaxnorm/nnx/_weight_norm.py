@@ -161,11 +161,14 @@ class WeightNorm(nnx.Module):
       )
     mean, var = jaxnorm.moments(y, tuple(range(y.ndim - 1)))
     rstd = jax.lax.rsqrt(var + _validation.positive_epsilon(epsilon))
-    scale[...] = (scale[...] * rstd).astype(scale[...].dtype)
+    scale[...] = (scale[...].astype(rstd.dtype) * rstd).astype(scale[...].dtype)
+    # Computed in the statistics' dtype, per-feature statistics broadcast
+    # explicitly (clean under strict dtype and rank promotion).
+    ya, mean_y, rstd_y = y.astype(rstd.dtype), _validation.to_rank(mean, y.ndim), _validation.to_rank(rstd, y.ndim)
     if bias is None:
-      return (y * rstd).astype(y.dtype)
-    bias[...] = ((bias[...] - mean) * rstd).astype(bias[...].dtype)
-    return ((y - mean) * rstd).astype(y.dtype)
+      return (ya * rstd_y).astype(y.dtype)
+    bias[...] = ((bias[...].astype(rstd.dtype) - mean) * rstd).astype(bias[...].dtype)
+    return ((ya - mean_y) * rstd_y).astype(y.dtype)
 
 
 class MeanOnlyBatchNorm(TrainEvalSwitch, nnx.Module):
@@ -249,7 +252,7 @@ class MeanOnlyBatchNorm(TrainEvalSwitch, nnx.Module):
       raise ValueError(f"`axis`={self.axis!r} covers every axis of the input: there is no batch to average over.")
     _affine.feature_shape(x, feature_axes, self.num_features, "axis")
     stats_shape = _validation.keepdims_shape(x.shape, reduced)
-    x, _, bias = self.promote_dtype((x, self.mean[...], _affine.value(self.bias)), dtype=self.dtype)
+    x, _, bias = _affine.promote(self, (x, self.mean[...], _affine.value(self.bias)), dtype=self.dtype)
     dtype = _affine.output_dtype(x, bias, dtype=self.dtype)
     acc = _validation.accumulation_dtype(x.dtype, *(() if bias is None else (bias.dtype,)))
     mask = _validation.broadcast_mask(mask, x.shape)
