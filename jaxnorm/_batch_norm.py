@@ -85,22 +85,21 @@ def batch_norm(
         "batch_norm needs at least one axis (the batch) to take statistics over, or an `axis_name` "
         "(e.g. of `jax.vmap(..., axis_name=...)` over the examples) to take them over the mapped axis."
     )
-  # Under jax.jvp the custom VJP fails inside this call: say what to do instead.
-  with _validation.explain_forward_mode("batch_norm", custom_vjp, (x, scale, bias)):
-    return _standardize.apply(
-        x,
-        scale,
-        bias,
-        axes=reduced,
-        axes_name="feature_axes",
-        param_axes=features,
-        param_explain="the shape of x along feature_axes",
-        centered=True,
-        epsilon=epsilon,
-        where=where,
-        axis_name=axis_name,
-        axis_index_groups=axis_index_groups,
-        dtype=dtype,
-        custom_vjp=custom_vjp,
-        with_statistics=True,
-    )
+  return _standardize.apply(
+      x,
+      scale,
+      bias,
+      op="batch_norm",
+      axes=reduced,
+      axes_name="feature_axes",
+      param_axes=features,
+      param_explain="the shape of x along feature_axes",
+      centered=True,
+      epsilon=epsilon,
+      where=where,
+      axis_name=axis_name,
+      axis_index_groups=axis_index_groups,
+      dtype=dtype,
+      custom_vjp=custom_vjp,
+      with_statistics=True,
+  )

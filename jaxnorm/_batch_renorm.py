@@ -156,25 +156,24 @@ def batch_renorm(
     eff_scale, eff_bias = scale.astype(acc) * r, scale.astype(acc) * d
   if bias is not None:
     eff_bias = eff_bias + bias.astype(acc)
-  # Under jax.jvp the custom VJP fails inside this call: say what to do instead.
-  with _validation.explain_forward_mode("batch_renorm", custom_vjp, (x, eff_scale, eff_bias)):
-    return _standardize.apply(
-        x,
-        eff_scale,
-        eff_bias,
-        axes=reduced,
-        axes_name="feature_axes",
-        param_axes=features,
-        param_explain=explain,
-        centered=True,
-        epsilon=eps,
-        where=mask,
-        axis_name=axis_name,
-        axis_index_groups=axis_index_groups,
-        dtype=dtype,
-        custom_vjp=custom_vjp,
-        with_statistics=True,
-    )
+  return _standardize.apply(
+      x,
+      eff_scale,
+      eff_bias,
+      op="batch_renorm",
+      axes=reduced,
+      axes_name="feature_axes",
+      param_axes=features,
+      param_explain=explain,
+      centered=True,
+      epsilon=eps,
+      where=mask,
+      axis_name=axis_name,
+      axis_index_groups=axis_index_groups,
+      dtype=dtype,
+      custom_vjp=custom_vjp,
+      with_statistics=True,
+  )
 
 
 def batch_renorm_schedule(

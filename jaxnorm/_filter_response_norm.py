@@ -73,22 +73,21 @@ def filter_response_norm(
     )
   channels = x.shape[-1]
   tau = _validation.parameter(tau, (channels,), "tau", "the number of channels, x.shape[-1]")
-  # Under jax.jvp the custom VJP fails inside this call: say what to do instead.
-  with _validation.explain_forward_mode("filter_response_norm", custom_vjp, (x, scale, bias)):
-    y = _standardize.apply(
-        x,
-        scale,
-        bias,
-        axes=tuple(range(1, x.ndim - 1)),
-        axes_name="axes",
-        param_axes=(x.ndim - 1,),
-        param_explain="the number of channels, x.shape[-1]",
-        centered=False,
-        epsilon=epsilon,
-        where=where,
-        dtype=dtype,
-        custom_vjp=custom_vjp,
-    )
+  y = _standardize.apply(
+      x,
+      scale,
+      bias,
+      op="filter_response_norm",
+      axes=tuple(range(1, x.ndim - 1)),
+      axes_name="axes",
+      param_axes=(x.ndim - 1,),
+      param_explain="the number of channels, x.shape[-1]",
+      centered=False,
+      epsilon=epsilon,
+      where=where,
+      dtype=dtype,
+      custom_vjp=custom_vjp,
+  )
   if tau is None:
     return y
   # The maximum commutes with rounding to y's dtype, so taking it in that

@@ -106,27 +106,26 @@ def ghost_batch_norm(
   # non-feature axes are reduced; the parameters still span the features.
   grouped_features = tuple(a + 1 for a in features)
   reduced = tuple(a for a in range(1, len(grouped_shape)) if a not in grouped_features)
-  # Under jax.jvp the custom VJP fails inside this call: say what to do instead.
-  with _validation.explain_forward_mode("ghost_batch_norm", custom_vjp, (x, scale, bias)):
-    y, mean, var = _standardize.apply(
-        x,
-        scale,
-        bias,
-        axes=reduced,
-        axes_name="feature_axes",
-        param_axes=grouped_features,
-        param_explain="the shape of x along feature_axes",
-        centered=True,
-        epsilon=epsilon,
-        where=None if mask is None else mask.reshape(grouped_shape),
-        axis_name=axis_name,
-        axis_index_groups=axis_index_groups,
-        dtype=dtype,
-        custom_vjp=custom_vjp,
-        with_statistics=True,
-        # Reshaped inside the kernel: see `_standardize.Spec.view`.
-        view=grouped_shape,
-    )
+  y, mean, var = _standardize.apply(
+      x,
+      scale,
+      bias,
+      op="ghost_batch_norm",
+      axes=reduced,
+      axes_name="feature_axes",
+      param_axes=grouped_features,
+      param_explain="the shape of x along feature_axes",
+      centered=True,
+      epsilon=epsilon,
+      where=None if mask is None else mask.reshape(grouped_shape),
+      axis_name=axis_name,
+      axis_index_groups=axis_index_groups,
+      dtype=dtype,
+      custom_vjp=custom_vjp,
+      with_statistics=True,
+      # Reshaped inside the kernel: see `_standardize.Spec.view`.
+      view=grouped_shape,
+  )
   return y, mean, var
 
 

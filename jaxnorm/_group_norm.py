@@ -66,25 +66,24 @@ def standardize_groups(
   """
   x = _validation.floating_input(x, allow_complex=True)
   groups = check_num_groups(num_groups, x.shape[-1])
-  # Under jax.jvp the custom VJP fails inside this call: say what to do instead.
-  with _validation.explain_forward_mode("group_norm", custom_vjp, (x, scale, bias)):
-    return _standardize.apply(
-        x,
-        scale,
-        bias,
-        axes=tuple(spatial_axes),
-        axes_name="reduction_axes",
-        param_axes=(x.ndim - 1,),
-        param_explain=_PER_CHANNEL,
-        centered=True,
-        epsilon=epsilon,
-        where=where,
-        axis_name=axis_name,
-        axis_index_groups=axis_index_groups,
-        dtype=dtype,
-        custom_vjp=custom_vjp,
-        channel_groups=groups,
-    )
+  return _standardize.apply(
+      x,
+      scale,
+      bias,
+      op="group_norm",
+      axes=tuple(spatial_axes),
+      axes_name="reduction_axes",
+      param_axes=(x.ndim - 1,),
+      param_explain=_PER_CHANNEL,
+      centered=True,
+      epsilon=epsilon,
+      where=where,
+      axis_name=axis_name,
+      axis_index_groups=axis_index_groups,
+      dtype=dtype,
+      custom_vjp=custom_vjp,
+      channel_groups=groups,
+  )
 
 
 def group_norm(
@@ -210,21 +209,20 @@ def instance_norm(
         f"instance_norm needs more than one spatial position per example and channel, got `x` of shape "
         f"{tuple(x.shape)}: statistics of a single element make the output equal `bias` whatever `x` is."
     )
-  # Under jax.jvp the custom VJP fails inside this call: say what to do instead.
-  with _validation.explain_forward_mode("instance_norm", custom_vjp, (x, scale, bias)):
-    return _standardize.apply(
-        x,
-        scale,
-        bias,
-        axes=tuple(range(1, x.ndim - 1)),
-        axes_name="x",
-        param_axes=(x.ndim - 1,),
-        param_explain=_PER_CHANNEL,
-        centered=True,
-        epsilon=epsilon,
-        where=where,
-        axis_name=axis_name,
-        axis_index_groups=axis_index_groups,
-        dtype=dtype,
-        custom_vjp=custom_vjp,
-    )
+  return _standardize.apply(
+      x,
+      scale,
+      bias,
+      op="instance_norm",
+      axes=tuple(range(1, x.ndim - 1)),
+      axes_name="x",
+      param_axes=(x.ndim - 1,),
+      param_explain=_PER_CHANNEL,
+      centered=True,
+      epsilon=epsilon,
+      where=where,
+      axis_name=axis_name,
+      axis_index_groups=axis_index_groups,
+      dtype=dtype,
+      custom_vjp=custom_vjp,
+  )

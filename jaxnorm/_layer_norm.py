@@ -50,22 +50,21 @@ def layer_norm(
     True
   """
   x = _validation.floating_input(x, allow_complex=True)
-  # Under jax.jvp the custom VJP fails inside this call: say what to do instead.
-  with _validation.explain_forward_mode("layer_norm", custom_vjp, (x, scale, bias)):
-    return _standardize.apply(
-        x,
-        scale,
-        bias,
-        axes=axis,
-        axes_name="axis",
-        param_axes=_validation.canonical_axes(axis, x.ndim, "axis"),
-        param_explain="the shape of x along axis",
-        centered=True,
-        epsilon=epsilon,
-        where=where,
-        dtype=dtype,
-        custom_vjp=custom_vjp,
-    )
+  return _standardize.apply(
+      x,
+      scale,
+      bias,
+      op="layer_norm",
+      axes=axis,
+      axes_name="axis",
+      param_axes=_validation.canonical_axes(axis, x.ndim, "axis"),
+      param_explain="the shape of x along axis",
+      centered=True,
+      epsilon=epsilon,
+      where=where,
+      dtype=dtype,
+      custom_vjp=custom_vjp,
+  )
 
 
 def rms_norm(
@@ -105,19 +104,18 @@ def rms_norm(
     Array([[0.84852815, 1.1313709 ]], dtype=float32)
   """
   x = _validation.floating_input(x, allow_complex=True)
-  # Under jax.jvp the custom VJP fails inside this call: say what to do instead.
-  with _validation.explain_forward_mode("rms_norm", custom_vjp, (x, scale)):
-    return _standardize.apply(
-        x,
-        scale,
-        None,
-        axes=axis,
-        axes_name="axis",
-        param_axes=_validation.canonical_axes(axis, x.ndim, "axis"),
-        param_explain="the shape of x along axis",
-        centered=False,
-        epsilon=epsilon,
-        where=where,
-        dtype=dtype,
-        custom_vjp=custom_vjp,
-    )
+  return _standardize.apply(
+      x,
+      scale,
+      None,
+      op="rms_norm",
+      axes=axis,
+      axes_name="axis",
+      param_axes=_validation.canonical_axes(axis, x.ndim, "axis"),
+      param_explain="the shape of x along axis",
+      centered=False,
+      epsilon=epsilon,
+      where=where,
+      dtype=dtype,
+      custom_vjp=custom_vjp,
+  )

@@ -297,6 +297,7 @@ def apply(
     scale: Any,
     bias: Any,
     *,
+    op: str,
     axes: Any,
     axes_name: str,
     param_axes: Any,
@@ -312,7 +313,7 @@ def apply(
     channel_groups: int | None = None,
     view: tuple[int, ...] | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
-  """Validates public arguments and runs `standardize`.
+  """Validates the public arguments of the op named `op` and runs `standardize`.
 
   `axes` are the reduction axes (checked under the name `axes_name`); with
   `channel_groups` G (already checked to divide C) each group also spans C // G
@@ -355,7 +356,9 @@ def apply(
   mask = _validation.broadcast_mask(where, vshape)
   if jnp.issubdtype(acc_dtype, jnp.complexfloating):
     return _complex_run(x, params[0], params[1], mask, spec=spec, with_statistics=with_statistics)
-  return _run(x, params[0], params[1], mask, spec=spec, custom_vjp=custom_vjp, with_statistics=with_statistics)
+  # Under jax.jvp the custom VJP fails inside this call: say what to do instead.
+  with _validation.explain_forward_mode(op, custom_vjp, (x, scale, bias)):
+    return _run(x, params[0], params[1], mask, spec=spec, custom_vjp=custom_vjp, with_statistics=with_statistics)
 
 
 # One compiled program per shape and Spec: called eagerly, the op runs as one

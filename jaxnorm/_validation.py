@@ -422,9 +422,16 @@ _JVP_OF_CUSTOM_VJP = "can't apply forward-mode autodiff (jvp) to a custom_vjp fu
 
 
 def _forward_mode_error(op: str) -> TypeError:
+  # `op` is a functional op ("layer_norm") or a module ("linen.LayerNorm").
+  what = f"jaxnorm.{op}: forward-mode autodiff (jax.jvp, jax.jacfwd, jax.linearize) cannot pass through "
+  if "." in op:
+    return TypeError(
+        what + "the hand-derived jax.custom_vjp that the jaxnorm.linen and jaxnorm.nnx modules always use: "
+        "differentiate the module in reverse mode (jax.grad, jax.vjp, jax.jacrev, jax.hessian), or call the "
+        "functional op (e.g. `jaxnorm.layer_norm`) with `custom_vjp=False`."
+    )
   return TypeError(
-      f"jaxnorm.{op}: forward-mode autodiff (jax.jvp, jax.jacfwd, jax.linearize) cannot pass through "
-      "its hand-derived jax.custom_vjp. Pass `custom_vjp=False` to differentiate the same forward by "
+      what + "its hand-derived jax.custom_vjp. Pass `custom_vjp=False` to differentiate the same forward by "
       f"plain autodiff, e.g. `jaxnorm.{op}(..., custom_vjp=False)`; reverse mode (jax.grad, jax.vjp, "
       "jax.jacrev, jax.hessian) works either way. The jaxnorm.linen and jaxnorm.nnx modules always "
       "use the custom VJP: differentiate them in reverse mode."

@@ -144,3 +144,18 @@ def test_jaxnorm_errors_carry_no_flax_doc_link(raise_it, cls, flax_cls):
   # Pickled (e.g. across processes) it stays itself, with the same message.
   back = pickle.loads(pickle.dumps(info.value))
   assert type(back) is cls and str(back) == message
+
+
+def test_jvp_through_a_module_names_the_module_and_the_way_out():
+  from flax import nnx  # noqa: PLC0415
+
+  from jaxnorm import nnx as jnnx  # noqa: PLC0415
+
+  x = jnp.ones((2, 8), jnp.float32)
+  module = jnn.LayerNorm()
+  variables = module.init(jax.random.key(0), x)
+  with pytest.raises(TypeError, match=r"jaxnorm\.linen\.LayerNorm: .*reverse mode"):
+    jax.jvp(lambda v: module.apply(variables, v), (x,), (x,))
+  layer = jnnx.LayerNorm(8, rngs=nnx.Rngs(0))
+  with pytest.raises(TypeError, match=r"jaxnorm\.nnx\.LayerNorm: .*custom_vjp=False"):
+    jax.jvp(layer, (x,), (x,))

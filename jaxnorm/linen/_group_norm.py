@@ -164,6 +164,7 @@ class InstanceNorm(nn.Module):
         x,
         scale,
         bias,
+        op=f"linen.{type(self).__name__}",
         axes=reduction_axes,
         axes_name="feature_axes",
         param_axes=feature_axes,

@@ -26,6 +26,7 @@ def _per_example(module: nn.Module, x: jax.Array, mask: jax.Array | None, *, cen
       x,
       scale,
       bias,
+      op=f"linen.{type(module).__name__}",
       axes=module.reduction_axes,
       axes_name="reduction_axes",
       param_axes=feature_axes,

@@ -214,6 +214,7 @@ class InstanceNorm(nnx.Module):
         x,
         _affine.as_features(scale, shape),
         _affine.as_features(bias, shape),
+        op=f"nnx.{type(self).__name__}",
         axes=tuple(a for a in range(1, x.ndim) if a not in feature_axes),
         axes_name="feature_axes",
         param_axes=feature_axes,

@@ -31,6 +31,7 @@ def per_example(module: nnx.Module, x: jax.Array, mask: jax.Array | None, *, cen
       x,
       _affine.as_features(scale, shape),
       _affine.as_features(bias, shape),
+      op=f"nnx.{type(module).__name__}",
       axes=module.reduction_axes,
       axes_name="reduction_axes",
       param_axes=feature_axes,
