@@ -23,8 +23,8 @@ import jax
 import numpy as np
 from jax import lax
 from jax.experimental import jet
-from jax.interpreters import ad, batching, mlir
 from jax.extend import core as jex_core
+from jax.interpreters import ad, batching, mlir
 
 T = TypeVar("T")
 
