@@ -208,11 +208,7 @@ def compute(
   def total_of(a):
     return group_sum(a, axes, channel_groups, portable)
 
-  if mask is None:
-    n = _static_count(x.shape, axes) * (1 if channel_groups is None else x.shape[-1] // channel_groups)
-    count = jnp.full(_validation.keepdims_shape(x.shape, axes), n, dtype)
-  else:
-    count = total_of(mask.astype(dtype))
+  count = _valid_count(x.shape, axes, mask, dtype, channel_groups, portable)
   xv = masked_zero(x.astype(dtype), mask)
   if not centered:
     total = total_of(jnp.square(xv))
@@ -295,11 +291,7 @@ def complex_compute(
   def across(a):
     return sum_across([a], axis_name, axis_index_groups)[0]
 
-  if mask is None:
-    n = _static_count(x.shape, axes) * (1 if channel_groups is None else x.shape[-1] // channel_groups)
-    count = jnp.full(_validation.keepdims_shape(x.shape, axes), n, real)
-  else:
-    count = total(mask.astype(real))
+  count = _valid_count(x.shape, axes, mask, real, channel_groups, portable=True)
   count = across(count)
   inv_count = (1 / jnp.maximum(count, 1)).astype(real)
   xv = masked_zero(x, mask)
@@ -346,6 +338,14 @@ def _one_pass(x, count, axes, dtype, channel_groups) -> Moments:
   offset = group_sum(d, axes, channel_groups) * inv_count
   var = jnp.maximum(group_sum(jnp.square(d), axes, channel_groups) * inv_count - jnp.square(offset), 0)
   return Moments(count, shift, offset, var)
+
+
+def _valid_count(shape, axes, mask, dtype, channel_groups, portable) -> jax.Array:
+  """The number of valid elements of each group, in `dtype`, with the keepdims shape of the statistics."""
+  if mask is None:
+    n = _static_count(shape, axes) * (1 if channel_groups is None else shape[-1] // channel_groups)
+    return jnp.full(_validation.keepdims_shape(shape, axes), n, dtype)
+  return group_sum(mask.astype(dtype), axes, channel_groups, portable)
 
 
 def _static_count(shape: tuple[int, ...], axes: tuple[int, ...]) -> int:
