@@ -38,8 +38,11 @@ def batch_norm(
 
   Args:
     x: floating-point input, e.g. `(N, C)` or NHWC `(N, H, W, C)`.
-    scale: :math:`\gamma`, shaped like the feature axes (e.g. `(C,)`), or None.
-    bias: :math:`\beta`, shaped like the feature axes, or None.
+    scale: :math:`\gamma`, shaped like the feature axes (e.g. `(C,)`), or
+      any array that broadcasts to `x` (conditional batch norm's per-example
+      `(N, 1, 1, C)`), or None. An array of exactly the feature axes' shape
+      is read as per feature.
+    bias: :math:`\beta`, of either form, or None.
     feature_axes: the axis or axes that keep their own statistics.
     axis: the same as `feature_axes` under the name `moments`, `layer_norm` and
       `linen.BatchNorm` use (e.g. `axis=1` for NCHW); give one of the two.

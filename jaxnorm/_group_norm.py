@@ -54,6 +54,7 @@ def standardize_groups(
     where: Any,
     axis_name: Any = None,
     axis_index_groups: Any = None,
+    scale_offset: float = 0.0,
     dtype: Any = None,
     custom_vjp: bool = True,
 ) -> jax.Array:
@@ -61,7 +62,7 @@ def standardize_groups(
 
   `spatial_axes` are non-negative axes of `x` other than the last (they may
   include 0, which `flax.linen.GroupNorm(reduction_axes=...)` allows);
-  `scale`/`bias` are None or of shape `(C,)`. Shared by `group_norm` and
+  `scale`/`bias` are None, of shape `(C,)`, or broadcast to `x`. Shared by `group_norm` and
   `jaxnorm.linen.GroupNorm`, which differ only in which axes they reduce.
   """
   x = _validation.floating_input(x, allow_complex=True)
@@ -80,6 +81,7 @@ def standardize_groups(
       where=where,
       axis_name=axis_name,
       axis_index_groups=axis_index_groups,
+      scale_offset=scale_offset,
       dtype=dtype,
       custom_vjp=custom_vjp,
       channel_groups=groups,
@@ -96,13 +98,14 @@ def group_norm(
     where: jax.Array | None = None,
     axis_name: Any = None,
     axis_index_groups: Any = None,
+    scale_offset: float = 0.0,
     dtype: Any = None,
     custom_vjp: bool = True,
 ) -> jax.Array:
   r"""Group normalization (Wu & He, 2018) of a channels-last input.
 
   .. math::
-      y_{n,s,c} = \gamma_c \, \frac{x_{n,s,c} - \mu_{n,g}}{\sqrt{\sigma^2_{n,g} + \epsilon}} + \beta_c,
+      y_{n,s,c} = (o + \gamma_c) \, \frac{x_{n,s,c} - \mu_{n,g}}{\sqrt{\sigma^2_{n,g} + \epsilon}} + \beta_c,
       \qquad g = \lfloor c / (C/G) \rfloor
 
   where :math:`\mu_{n,g}, \sigma^2_{n,g}` (biased) are taken, for each example
@@ -116,14 +119,17 @@ def group_norm(
     x: floating-point input of shape `(N, ..., C)`, at least `(N, C)` (as
       PyTorch requires; with no spatial axes the statistics are over the
       channels of a group only).
-    scale: :math:`\gamma` of shape `(C,)`, or None.
-    bias: :math:`\beta` of shape `(C,)`, or None.
+    scale: :math:`\gamma` of shape `(C,)`, or any array that broadcasts to
+      `x` (a UNet ResBlock's per-example `(N, 1, 1, C)` scale-shift), or None.
+    bias: :math:`\beta`, of either form, or None.
     num_groups: :math:`G`, an integer >= 1 that divides `C`.
     epsilon: added to the variance; must be > 0.
     where: optional boolean mask broadcastable to `x` (see `batch_norm`).
     axis_name: optional mapped axis whose devices each hold part of the
       spatial positions; statistics are merged exactly across them.
     axis_index_groups: optional groups within `axis_name` (see `jax.lax.psum`).
+    scale_offset: :math:`o`, added to `scale` in the accumulation dtype
+      (the multiplier is :math:`o + \gamma`; 1 for a zero-centred scale).
     dtype: output dtype; defaults to `x.dtype`.
     custom_vjp: if False, plain autodiff of the same forward (for forward mode).
 
@@ -150,6 +156,7 @@ def group_norm(
       where=where,
       axis_name=axis_name,
       axis_index_groups=axis_index_groups,
+      scale_offset=scale_offset,
       dtype=dtype,
       custom_vjp=custom_vjp,
   )
@@ -164,13 +171,14 @@ def instance_norm(
     where: jax.Array | None = None,
     axis_name: Any = None,
     axis_index_groups: Any = None,
+    scale_offset: float = 0.0,
     dtype: Any = None,
     custom_vjp: bool = True,
 ) -> jax.Array:
   r"""Instance normalization (Ulyanov, Vedaldi & Lempitsky, 2016) of a channels-last input.
 
   .. math::
-      y_{n,s,c} = \gamma_c \, \frac{x_{n,s,c} - \mu_{n,c}}{\sqrt{\sigma^2_{n,c} + \epsilon}} + \beta_c
+      y_{n,s,c} = (o + \gamma_c) \, \frac{x_{n,s,c} - \mu_{n,c}}{\sqrt{\sigma^2_{n,c} + \epsilon}} + \beta_c
 
   where :math:`\mu_{n,c}, \sigma^2_{n,c}` (biased) are taken, for each example
   :math:`n` and channel :math:`c`, over every spatial position :math:`s`, over
@@ -182,13 +190,16 @@ def instance_norm(
       spatial axis and more than one spatial position. As in PyTorch, a single
       position is an error: its statistics would make `y` equal `bias`
       whatever `x` is (`jaxnorm.linen.InstanceNorm` accepts it, as flax does).
-    scale: :math:`\gamma` of shape `(C,)`, or None.
-    bias: :math:`\beta` of shape `(C,)`, or None.
+    scale: :math:`\gamma` of shape `(C,)`, or any array that broadcasts to
+      `x` (a UNet ResBlock's per-example `(N, 1, 1, C)` scale-shift), or None.
+    bias: :math:`\beta`, of either form, or None.
     epsilon: added to the variance; must be > 0.
     where: optional boolean mask broadcastable to `x` (see `batch_norm`).
     axis_name: optional mapped axis whose devices each hold part of the
       spatial positions; statistics are merged exactly across them.
     axis_index_groups: optional groups within `axis_name` (see `jax.lax.psum`).
+    scale_offset: :math:`o`, added to `scale` in the accumulation dtype
+      (the multiplier is :math:`o + \gamma`; 1 for a zero-centred scale).
     dtype: output dtype; defaults to `x.dtype`.
     custom_vjp: if False, plain autodiff of the same forward (for forward mode).
 
@@ -223,6 +234,7 @@ def instance_norm(
       where=where,
       axis_name=axis_name,
       axis_index_groups=axis_index_groups,
+      scale_offset=scale_offset,
       dtype=dtype,
       custom_vjp=custom_vjp,
   )

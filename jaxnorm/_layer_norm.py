@@ -17,13 +17,16 @@ def layer_norm(
     axis: _validation.Axes = -1,
     epsilon: float = 1e-6,
     where: jax.Array | None = None,
+    axis_name: Any = None,
+    axis_index_groups: Any = None,
+    scale_offset: float = 0.0,
     dtype: Any = None,
     custom_vjp: bool = True,
 ) -> jax.Array:
   r"""Layer normalization (Ba, Kiros & Hinton, 2016).
 
   .. math::
-      y = \gamma \, \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}} + \beta
+      y = (o + \gamma) \, \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}} + \beta
 
   with :math:`\mu, \sigma^2` (biased) over `axis`, separately for every index
   of the other axes, over the positions `where` selects. Computed stably in
@@ -31,11 +34,22 @@ def layer_norm(
 
   Args:
     x: floating-point input, e.g. `(batch, seq, d_model)`.
-    scale: :math:`\gamma`, shaped like `x` along `axis` (e.g. `(d_model,)`), or None.
-    bias: :math:`\beta`, same shape as `scale`, or None.
+    scale: :math:`\gamma`, shaped like `x` along `axis` (e.g. `(d_model,)`),
+      or any array that broadcasts to `x` (DiT's per-example `(batch, 1,
+      d_model)`, a per-head `(heads, head_dim)`), or None. An array of
+      exactly the shape along `axis` is read as per feature.
+    bias: :math:`\beta`, of either form (independently of `scale`), or None.
     axis: the axis or axes to normalize over.
     epsilon: added to the variance; must be > 0.
     where: optional boolean mask broadcastable to `x` (see `batch_norm`).
+    axis_name: optional mapped axis (or tuple of axes) whose devices each
+      hold part of the normalized axes (a hidden dimension split by
+      `jax.shard_map`): statistics are summed exactly across them; parameter
+      gradients stay per device, like the parameters' shards.
+    axis_index_groups: optional groups within `axis_name` (see `jax.lax.psum`).
+    scale_offset: :math:`o`, added to `scale` in the accumulation dtype:
+      1 gives Gemma's zero-centred scale :math:`1 + \gamma` (initialise
+      :math:`\gamma` to 0). The gradient wrt `scale` is unchanged.
     dtype: output dtype; defaults to `x.dtype`.
     custom_vjp: if False, plain autodiff of the same forward (for forward mode).
 
@@ -62,6 +76,9 @@ def layer_norm(
       centered=True,
       epsilon=epsilon,
       where=where,
+      axis_name=axis_name,
+      axis_index_groups=axis_index_groups,
+      scale_offset=scale_offset,
       dtype=dtype,
       custom_vjp=custom_vjp,
   )
@@ -74,13 +91,16 @@ def rms_norm(
     axis: _validation.Axes = -1,
     epsilon: float = 1e-6,
     where: jax.Array | None = None,
+    axis_name: Any = None,
+    axis_index_groups: Any = None,
+    scale_offset: float = 0.0,
     dtype: Any = None,
     custom_vjp: bool = True,
 ) -> jax.Array:
   r"""Root-mean-square normalization (Zhang & Sennrich, 2019).
 
   .. math::
-      y = \gamma \, \frac{x}{\sqrt{\tfrac1n \sum x^2 + \epsilon}}
+      y = (o + \gamma) \, \frac{x}{\sqrt{\tfrac1n \sum x^2 + \epsilon}}
 
   with the mean square over `axis`, separately for every index of the other
   axes, over the positions `where` selects; accumulated in at least float32,
@@ -88,10 +108,19 @@ def rms_norm(
 
   Args:
     x: floating-point input, e.g. `(batch, seq, d_model)`.
-    scale: :math:`\gamma`, shaped like `x` along `axis`, or None.
+    scale: :math:`\gamma`, shaped like `x` along `axis`, or any array that
+      broadcasts to `x` (per example, per head), or None.
     axis: the axis or axes to normalize over.
     epsilon: added to the mean square; must be > 0.
     where: optional boolean mask broadcastable to `x` (see `batch_norm`).
+    axis_name: optional mapped axis (or tuple of axes) whose devices each
+      hold part of the normalized axes (a hidden dimension split by
+      `jax.shard_map`): statistics are summed exactly across them; parameter
+      gradients stay per device, like the parameters' shards.
+    axis_index_groups: optional groups within `axis_name` (see `jax.lax.psum`).
+    scale_offset: :math:`o`, added to `scale` in the accumulation dtype:
+      1 gives Gemma's zero-centred scale :math:`1 + \gamma` (initialise
+      :math:`\gamma` to 0). The gradient wrt `scale` is unchanged.
     dtype: output dtype; defaults to `x.dtype`.
     custom_vjp: if False, plain autodiff of the same forward (for forward mode).
 
@@ -116,6 +145,9 @@ def rms_norm(
       centered=False,
       epsilon=epsilon,
       where=where,
+      axis_name=axis_name,
+      axis_index_groups=axis_index_groups,
+      scale_offset=scale_offset,
       dtype=dtype,
       custom_vjp=custom_vjp,
   )

@@ -11,6 +11,10 @@ positions `mask` selects, on every device of `axis_name`):
     y = \gamma \hat x + \beta .
 
 Without centering (RMS norm) :math:`\mu = 0` and :math:`v` is the mean square.
+With a `scale_offset` :math:`o` (Gemma's zero-centred scale, :math:`o = 1`)
+the multiplier is :math:`o + \gamma` throughout; :math:`\gamma`, :math:`\beta`
+may be per feature or any array that broadcasts to :math:`x` (adaLN, FiLM,
+conditional batch norm, per-head scales): only their reductions change.
 The mean is held as a float32 estimate plus a small correction (see
 `_moments.Moments`) and :math:`x - \mu` is formed as ``(x - shift) - offset``,
 so the normalized output keeps float32 precision (about 5e-7 at a mean of
@@ -101,6 +105,21 @@ class Spec:
   # the forward saves is the input itself, never a reshaped copy: an extra
   # output of the compiled forward that `jax_debug_nans` would inspect.
   view: tuple[int, ...] | None = None
+  # Added to `scale` in the accumulation dtype: y = x-hat (scale_offset +
+  # scale) + bias, Gemma's zero-centred scale with 1 (see `multiplier`).
+  scale_offset: float = 0.0
+
+
+def multiplier(scale: jax.Array | None, spec: Spec) -> jax.Array | None:
+  """The multiplier of x-hat, ``scale_offset + scale``, in the accumulation dtype (None without a scale).
+
+  The offset is added after the cast, so a bfloat16 ``scale`` near 0 keeps
+  its own precision (1 + 0.01 is not representable in bfloat16 to 3 digits).
+  """
+  if scale is None:
+    return None
+  g = scale.astype(spec.acc_dtype)
+  return g + spec.scale_offset if spec.scale_offset else g
 
 
 def standardize(
@@ -155,7 +174,7 @@ def _forward(x, scale, bias, mask, spec: Spec, forward_only: bool = False, porta
   rstd = _rstd(stats, mask, spec)
   y = _normalized(2, x, mask, stats.shift, stats.offset, rstd, spec.acc_dtype)
   if scale is not None:
-    y = y * scale.astype(spec.acc_dtype)
+    y = y * multiplier(scale, spec)
   if bias is not None:
     y = y + bias.astype(spec.acc_dtype)
   return y.astype(spec.out_dtype).reshape(shape), (stats, rstd)
@@ -212,7 +231,8 @@ def _bwd(spec: Spec, residuals, g):
   x, scale, bias, mask, count, shift, offset, rstd = residuals
   shape, x, g = x.shape, _view(x, spec), _view(g, spec)
   acc = spec.acc_dtype
-  gamma = None if scale is None else scale.astype(acc)
+  # d(scale) = sum(g x-hat) whatever the offset; only dx sees scale_offset + scale.
+  gamma = multiplier(scale, spec)
 
   # Each full-size term is rebuilt from (x, g) by the consumer that needs it,
   # under its own tag (see `_platform.private_copies`): the program writes
@@ -312,13 +332,16 @@ def apply(
     with_statistics: bool = False,
     channel_groups: int | None = None,
     view: tuple[int, ...] | None = None,
+    scale_offset: Any = 0.0,
 ) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
   """Validates the public arguments of the op named `op` and runs `standardize`.
 
   `axes` are the reduction axes (checked under the name `axes_name`); with
   `channel_groups` G (already checked to divide C) each group also spans C // G
   consecutive channels of the last axis;
-  `param_axes` are the axes `scale`/`bias` span, whose shape they must have.
+  `param_axes` are the axes a per-feature `scale`/`bias` spans; any other
+  parameter must broadcast to `x` (see `_validation.affine_parameter`).
+  `scale_offset` is added to `scale` inside the kernel (see `multiplier`).
   Returns `y`, or with `with_statistics` `(y, mean, var)`, the statistics
   squeezed to the non-reduced axes. With `view`, a shape of as many elements
   as `x`, the normalization runs on `x` reshaped to it (which `axes`,
@@ -334,11 +357,16 @@ def apply(
   axes = _validation.canonical_axes(axes, len(vshape), axes_name)
   param_axes = _validation.canonical_axes(param_axes, len(vshape), "feature_axes")
   param_shape = tuple(vshape[a] for a in param_axes)
-  broadcast_shape = tuple(d if i in param_axes else 1 for i, d in enumerate(vshape))
-  params = []
-  for name, p in (("scale", scale), ("bias", bias)):
-    p = _validation.parameter(p, param_shape, name, param_explain, allow_complex=True)
-    params.append(None if p is None else p.reshape(broadcast_shape))
+  params = [
+      _validation.affine_parameter(p, param_shape, param_axes, vshape, name, param_explain)
+      for name, p in (("scale", scale), ("bias", bias))
+  ]
+  scale_offset = _validation.real_number(scale_offset, "scale_offset")
+  if scale_offset and scale is None:
+    raise ValueError(
+        f"`scale_offset`={scale_offset!r} is added to `scale`, but `scale` is None: pass a scale (zeros "
+        "for the identity) or leave scale_offset at 0."
+    )
   out_dtype = _validation.output_dtype(dtype, x.dtype)
   acc_dtype = _validation.accumulation_dtype(x.dtype, out_dtype, *(p.dtype for p in params if p is not None))
   spec = Spec(
@@ -352,6 +380,7 @@ def apply(
       axis_index_groups=_validation.axis_index_groups(axis_index_groups),
       channel_groups=channel_groups,
       view=view,
+      scale_offset=scale_offset,
   )
   mask = _validation.broadcast_mask(where, vshape)
   if jnp.issubdtype(acc_dtype, jnp.complexfloating):
@@ -421,7 +450,7 @@ def _complex_run(x, scale, bias, mask, *, spec: Spec, with_statistics: bool):
   rstd = _rstd(stats, mask, spec).astype(acc)
   y = ((xa - stats.shift) - stats.offset) * rstd
   if scale is not None:
-    y = y * scale.astype(acc)
+    y = y * multiplier(scale, spec)
   if bias is not None:
     y = y + bias.astype(acc)
   y = y.astype(spec.out_dtype).reshape(shape)

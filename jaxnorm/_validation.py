@@ -319,6 +319,53 @@ def parameter(
   return p
 
 
+def affine_parameter(
+    p: Any,
+    feature_shape: tuple[int, ...],
+    feature_axes: tuple[int, ...],
+    shape: tuple[int, ...],
+    name: str,
+    explain: str,
+) -> jax.Array | None:
+  """An affine parameter as an array of rank ``len(shape)`` that broadcasts to `shape`, or None.
+
+  Two readings, tried in this order:
+
+  - per feature: `p` has exactly `feature_shape` (the op's classic parameter,
+    e.g. `(C,)`), and is laid along `feature_axes`;
+  - call time: otherwise `p` broadcasts to `shape` under NumPy's rules
+    (aligned on the trailing axes, without growing `shape`), e.g. DiT's
+    per-example `(B, 1, C)` for `x` of shape `(B, T, C)`, or a per-head
+    `(H, D)` for `(B, T, H, D)`.
+
+  Where both readings fit and differ (a `(C,)` scale of an NCHW batch norm
+  whose width is also C), the per-feature one wins: pass the full rank (e.g.
+  `(1, 1, 1, W)`) to mean the other. Anything else raises a `ValueError`
+  naming both readings.
+  """
+  if p is None:
+    return None
+  p = floating_input(p, name, allow_complex=True)
+  if tuple(p.shape) == tuple(feature_shape):
+    return p.reshape(tuple(d if i in feature_axes else 1 for i, d in enumerate(shape)))
+  try:
+    fits = p.ndim <= len(shape) and jnp.broadcast_shapes(p.shape, shape) == tuple(shape)
+  except ValueError:
+    fits = False
+  if not fits:
+    raise ValueError(
+        f"`{name}` must have shape {tuple(feature_shape)} ({explain}), or broadcast to the input shape "
+        f"{tuple(shape)} under NumPy's rules (per example or position, e.g. {_example_shape(shape, feature_axes)}), "
+        f"got {tuple(p.shape)}."
+    )
+  return to_rank(p, len(shape))
+
+
+def _example_shape(shape: tuple[int, ...], feature_axes: tuple[int, ...]) -> tuple[int, ...]:
+  # A per-example parameter: the batch axis and the feature axes kept.
+  return tuple(d if i == 0 or i in feature_axes else 1 for i, d in enumerate(shape))
+
+
 def boolean_mask(mask: Any, name: str = "mask") -> jax.Array | None:
   """`mask` as a JAX array (None stays None); raises `TypeError`, naming `name`, unless it is boolean.
 
