@@ -333,10 +333,10 @@ def affine_parameter(
 
   - per feature: `p` has exactly `feature_shape` (the op's classic parameter,
     e.g. `(C,)`), and is laid along `feature_axes`;
-  - call time: otherwise `p` broadcasts to `shape` under NumPy's rules
-    (aligned on the trailing axes, without growing `shape`), e.g. DiT's
-    per-example `(B, 1, C)` for `x` of shape `(B, T, C)`, or a per-head
-    `(H, D)` for `(B, T, H, D)`.
+  - call time: otherwise `p` has the rank of `shape` and broadcasts to it
+    (size-1 axes stretched, e.g. DiT's per-example `(B, 1, C)` for `x` of
+    shape `(B, T, C)`), or a lower rank and exactly the trailing axes of
+    `shape` (a per-head `(H, D)` for `(B, T, H, D)`).
 
   Where both readings fit and differ (a `(C,)` scale of an NCHW batch norm
   whose width is also C), the per-feature one wins: pass the full rank (e.g.
@@ -349,13 +349,18 @@ def affine_parameter(
   if tuple(p.shape) == tuple(feature_shape):
     return p.reshape(tuple(d if i in feature_axes else 1 for i, d in enumerate(shape)))
   try:
-    fits = p.ndim <= len(shape) and jnp.broadcast_shapes(p.shape, shape) == tuple(shape)
+    # Below full rank, only an exact match of the trailing axes: a (1,) or
+    # (5,) "scale" of a 16-wide x is far likelier a bug than a broadcast.
+    if p.ndim < len(shape):
+      fits = p.ndim > 0 and tuple(p.shape) == tuple(shape[len(shape) - p.ndim :])
+    else:
+      fits = p.ndim == len(shape) and jnp.broadcast_shapes(p.shape, shape) == tuple(shape)
   except ValueError:
     fits = False
   if not fits:
     raise ValueError(
-        f"`{name}` must have shape {tuple(feature_shape)} ({explain}), or broadcast to the input shape "
-        f"{tuple(shape)} under NumPy's rules (per example or position, e.g. {_example_shape(shape, feature_axes)}), "
+        f"`{name}` must have shape {tuple(feature_shape)} ({explain}), or have the input's rank and "
+        f"broadcast to its shape {tuple(shape)} (per example or position, e.g. {_example_shape(shape, feature_axes)}), "
         f"got {tuple(p.shape)}."
     )
   return to_rank(p, len(shape))

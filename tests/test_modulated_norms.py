@@ -124,9 +124,9 @@ def test_axis_name_on_a_split_feature_axis():
 
 
 def test_errors_name_both_readings():
-  with pytest.raises(ValueError, match=r"shape \(16,\).*broadcast to the input shape \(4, 6, 16\).*got \(5,\)"):
+  with pytest.raises(ValueError, match=r"shape \(16,\).*broadcast to its shape \(4, 6, 16\).*got \(5,\)"):
     jaxnorm.layer_norm(X3, jnp.ones(5))
-  with pytest.raises(ValueError, match="broadcast to the input shape"):
+  with pytest.raises(ValueError, match="broadcast to its shape"):
     jaxnorm.group_norm(X4, jnp.ones((8, 2, 1, 6)), num_groups=3)
   with pytest.raises(ValueError, match="`scale` is None"):
     jaxnorm.layer_norm(X3, None, scale_offset=1.0)
