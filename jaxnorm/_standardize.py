@@ -361,12 +361,7 @@ def apply(
       _validation.affine_parameter(p, param_shape, param_axes, vshape, name, param_explain)
       for name, p in (("scale", scale), ("bias", bias))
   ]
-  scale_offset = _validation.real_number(scale_offset, "scale_offset")
-  if scale_offset and scale is None:
-    raise ValueError(
-        f"`scale_offset`={scale_offset!r} is added to `scale`, but `scale` is None: pass a scale (zeros "
-        "for the identity) or leave scale_offset at 0."
-    )
+  scale_offset = _validation.scale_offset(scale_offset, scale)
   out_dtype = _validation.output_dtype(dtype, x.dtype)
   acc_dtype = _validation.accumulation_dtype(x.dtype, out_dtype, *(p.dtype for p in params if p is not None))
   spec = Spec(

@@ -169,6 +169,23 @@ def real_number(value: Any, name: str) -> float:
   return float(value)
 
 
+def scale_offset(value: Any, scale: Any) -> float:
+  """`scale_offset` as a float; raises unless it is a real number, and unless `scale` exists where it is nonzero.
+
+  Example:
+    >>> from jaxnorm._validation import scale_offset
+    >>> scale_offset(1, [0.0])
+    1.0
+  """
+  value = real_number(value, "scale_offset")
+  if value and scale is None:
+    raise ValueError(
+        f"`scale_offset`={value!r} is added to `scale`, but `scale` is None: pass a scale (zeros "
+        "for the identity) or leave scale_offset at 0."
+    )
+  return value
+
+
 def integer(value: Any, name: str) -> int:
   """`value` as a Python int; raises `TypeError` unless it is an integer (Python or NumPy), not a bool.
 

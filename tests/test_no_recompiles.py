@@ -132,6 +132,7 @@ def test_gradient_compiles_once(name):
 # --- linen modules: init once, then `apply` in a loop (training updates where the module has state). ------
 
 LINEN = {
+    "AdaLNZero": (jnn.AdaLNZero, X),
     "BatchNorm": (lambda: jnn.BatchNorm(use_running_average=False), X),
     "BatchRenorm": (lambda: jnn.BatchRenorm(use_running_average=False), X),
     "DyT": (jnn.DyT, X),
@@ -147,7 +148,10 @@ LINEN = {
     "SpectralNorm": (lambda: jnn.SpectralNorm(nn.Dense(2)), X),
     "WeightNorm": (lambda: jnn.WeightNorm(nn.Dense(2)), X),
 }
-_LINEN_CALL_KWARGS = {"SpectralNorm": {"update_stats": True}}
+# The conditioning of AdaLNZero, per example of X.
+COND = np.linspace(-1.0, 1.0, 8, dtype=F32).reshape(4, 2)
+_LINEN_CALL_KWARGS = {"SpectralNorm": {"update_stats": True}, "AdaLNZero": {"c": COND}}
+NNX_CALL_KWARGS = {"AdaLNZero": {"c": COND}}
 
 
 @pytest.mark.parametrize("name", sorted(LINEN))
@@ -202,6 +206,7 @@ def test_precise_batch_stats_compiles_per_call_not_per_batch():
 def _nnx_cases():
   rngs = nnx.Rngs(0)
   return {
+      "AdaLNZero": (lambda: jnnx.AdaLNZero(3, 2, rngs=rngs), X),
       "BatchNorm": (lambda: jnnx.BatchNorm(3, rngs=rngs), X),
       "BatchRenorm": (lambda: jnnx.BatchRenorm(3, rngs=rngs), X),
       "DyT": (lambda: jnnx.DyT(3, rngs=rngs), X),
@@ -224,8 +229,8 @@ NNX = sorted(_nnx_cases())
 @pytest.mark.parametrize("name", NNX)
 def test_nnx_module_call_compiles_once(name):
   make, shape = _nnx_cases()[name]
-  module = make()
-  assert_no_recompiles(lambda i: module(_data(i, *shape)))
+  module, kwargs = make(), NNX_CALL_KWARGS.get(name, {})
+  assert_no_recompiles(lambda i: module(_data(i, *shape), **kwargs))
 
 
 @pytest.mark.parametrize("name", ["BatchNorm", "SpectralNorm"])

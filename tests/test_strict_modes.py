@@ -27,7 +27,7 @@ from flax import nnx
 import jaxnorm
 from jaxnorm import linen as jnn
 from jaxnorm import nnx as jnnx
-from test_no_recompiles import LINEN, _LINEN_CALL_KWARGS, _nnx_cases
+from test_no_recompiles import LINEN, NNX_CALL_KWARGS, _LINEN_CALL_KWARGS, _nnx_cases
 
 X = (4, 6)
 IMG = (2, 3, 3, 4)  # N, H, W, C
@@ -127,6 +127,11 @@ def test_numpy_input_with_masked_nan():
   assert np.all(np.isfinite(y)) and np.all(np.isfinite(g))
 
 
+def _total(out):
+  """The sum of a module's output, or of every output (AdaLNZero returns y and its gate)."""
+  return sum(jnp.sum(a) for a in jax.tree.leaves(out))
+
+
 @pytest.mark.parametrize("name", sorted(LINEN))
 def test_linen_module_under_strict_settings(name):
   make, shape = LINEN[name]
@@ -139,7 +144,7 @@ def test_linen_module_under_strict_settings(name):
   if masked:
     kwargs["mask"] = jnp.asarray(mask)
   with strict():
-    loss = lambda x: jnp.sum(module.apply(variables, x, mutable=["batch_stats"], **kwargs)[0])
+    loss = lambda x: _total(module.apply(variables, x, mutable=["batch_stats"], **kwargs)[0])
     jax.block_until_ready(jax.value_and_grad(loss)(x))
 
 
@@ -150,10 +155,10 @@ def test_nnx_module_under_strict_settings(name):
   masked = name in {"LayerNorm", "RMSNorm", "BatchNorm", "GroupNorm", "InstanceNorm"}
   mask = _mask(shape, 1 if name != "BatchNorm" else 0) if masked else None
   x = _padded(shape, np.float32, ~mask) if masked else _padded(shape, np.float32, np.zeros(shape, bool))
-  kwargs = {"mask": jnp.asarray(mask)} if masked else {}
+  kwargs = {"mask": jnp.asarray(mask)} if masked else dict(NNX_CALL_KWARGS.get(name, {}))
   with strict():
     jax.block_until_ready(module(x, **kwargs))
-    loss = lambda module, x: jnp.sum(module(x, **kwargs))
+    loss = lambda module, x: _total(module(x, **kwargs))
     jax.block_until_ready(nnx.grad(loss, argnums=(0, 1))(module, x))
 
 

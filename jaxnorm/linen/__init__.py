@@ -4,6 +4,7 @@ Running statistics live in the ``batch_stats`` collection under flax's names,
 so a checkpoint written with `flax.linen` loads into these modules unchanged.
 """
 
+from jaxnorm.linen._adaln_zero import AdaLNZero
 from jaxnorm.linen._batch_norm import BatchNorm
 from jaxnorm.linen._batch_renorm import BatchRenorm
 from jaxnorm.linen._dyt import DyT
@@ -20,6 +21,7 @@ from jaxnorm.linen._spectral_norm import SpectralNorm
 from jaxnorm.linen._weight_norm import MeanOnlyBatchNorm, WeightNorm
 
 __all__ = [
+    "AdaLNZero",
     "BatchNorm",
     "BatchRenorm",
     "DyT",

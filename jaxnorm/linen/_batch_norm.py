@@ -11,7 +11,7 @@ from flax.typing import Axes, Dtype, Initializer
 from jax.nn import initializers
 
 import jaxnorm
-from jaxnorm import _validation
+from jaxnorm import _modulation, _validation
 from jaxnorm.linen._affine import affine_parameters, output_dtype
 from jaxnorm.linen._running_stats import DEFAULT_MOMENTUM, RunningStatistics, stats_dtype
 
@@ -54,6 +54,12 @@ class BatchNorm(nn.Module):
     state dict maps as ``running_mean -> mean``, ``running_var -> var``,
     ``num_batches_tracked``, ``weight -> scale``, ``bias -> bias`` (NCHW to
     NHWC is a transpose of the input only).
+
+  Call-time ``scale=`` and ``shift=`` modulate the output per example
+  (conditional batch norm, BigGAN, FiLM): ``y = norm(x) * (1 + scale) +
+  shift``, with the batch (or running) statistics of plain batch norm; e.g.
+  the two chunks of ``nn.Embed(num_classes, 2 C)(labels)`` for class-
+  conditional batch norm, usually with ``use_scale=use_bias=False``.
 
   ``track_running_stats=False`` (torch's name): no running statistics and no
   ``batch_stats`` variables; batch statistics are used in training and at
@@ -113,15 +119,26 @@ class BatchNorm(nn.Module):
 
   @nn.compact
   def __call__(
-      self, x: jax.Array, use_running_average: bool | None = None, *, mask: jax.Array | None = None
+      self,
+      x: jax.Array,
+      use_running_average: bool | None = None,
+      *,
+      mask: jax.Array | None = None,
+      scale: jax.Array | None = None,
+      shift: jax.Array | None = None,
   ) -> jax.Array:
-    """Normalizes `x` with batch statistics (training) or running statistics (inference).
+    """Normalizes `x` with batch statistics (training) or running statistics (inference), then modulates it.
 
     Args:
       x: the input; statistics are taken over every axis but `self.axis`.
       use_running_average: overrides the attribute of the same name.
       mask: optional boolean array broadcastable to `x`: the positions that
         enter the batch statistics.
+      scale: optional call-time scale :math:`s` that broadcasts to `x`
+        (conditional batch norm and FiLM: per example, ``(N, 1, 1, C)``
+        for NHWC); the output is multiplied by ``1 + scale``.
+      shift: optional call-time shift :math:`t` that broadcasts to `x`,
+        added last: ``y = norm(x) * (1 + scale) + shift``.
 
     Returns:
       The normalized input, shaped like `x`.
@@ -130,20 +147,22 @@ class BatchNorm(nn.Module):
     feature_axes = _validation.canonical_axes(self.axis, x.ndim, "axis")
     feature_shape = tuple(x.shape[a] for a in feature_axes)
     running = RunningStatistics(self, feature_shape, stats_dtype(x.dtype, self.dtype))
-    scale, bias = affine_parameters(self, feature_shape, use_scale=self.use_scale, use_bias=self.use_bias)
-    dtype = output_dtype(x, scale, bias, dtype=self.dtype)
+    gamma, beta = affine_parameters(self, feature_shape, use_scale=self.use_scale, use_bias=self.use_bias)
+    modulation = _modulation.arrays(scale, shift)
+    dtype = output_dtype(x, gamma, beta, *modulation, dtype=self.dtype)
+    gamma, beta, _ = _modulation.fold(x.shape, feature_axes, gamma, beta, 0.0, *modulation)
 
     if running.tracking:
       use_running_average = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
       if use_running_average:
-        return running.normalize(x, feature_axes, scale, bias, epsilon=self.epsilon, dtype=dtype)
+        return running.normalize(x, feature_axes, gamma, beta, epsilon=self.epsilon, dtype=dtype)
     reduced = tuple(a for a in range(x.ndim) if a not in feature_axes)
     count = running.training_count(x.shape, reduced, mask)
 
     y, mean, var = jaxnorm.batch_norm(
         x,
-        scale,
-        bias,
+        gamma,
+        beta,
         feature_axes=feature_axes,
         epsilon=self.epsilon,
         where=_validation.boolean_mask(mask, "mask"),

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax.typing import Axes, Dtype, Initializer
 from jax.nn import initializers
 
-from jaxnorm import _group_norm, _standardize, _validation
+from jaxnorm import _group_norm, _modulation, _standardize, _validation
 from jaxnorm.linen._affine import affine_parameters, output_dtype
 
 
@@ -51,6 +51,10 @@ class GroupNorm(nn.Module):
   dtypes as flax; inside, a hand-derived VJP and a stable variance
   (`use_fast_variance` and `force_float32_reductions` are accepted and
   ignored: statistics are always reduced stably in at least float32).
+  Beyond flax: `scale_offset` :math:`o` (the multiplier is :math:`o +
+  \gamma`; the default `scale_init` starts it at 1) and the call-time
+  ``scale=``/``shift=`` of a diffusion UNet's ResBlock (guided-diffusion's
+  ``use_scale_shift_norm``): ``y = norm(x) * (1 + scale) + shift``.
 
   Example:
     >>> import jax
@@ -70,16 +74,38 @@ class GroupNorm(nn.Module):
   use_bias: bool = True
   use_scale: bool = True
   bias_init: Initializer = initializers.zeros
-  scale_init: Initializer = initializers.ones
+  scale_init: Initializer | None = None
   reduction_axes: Axes | None = None
   axis_name: Any = None
   axis_index_groups: Any = None
   use_fast_variance: bool = True
   force_float32_reductions: bool = True
+  scale_offset: float = 0.0
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
-    """Normalizes `x`; `mask` (broadcastable to `x`) selects the positions that enter the statistics."""
+  def __call__(
+      self,
+      x: jax.Array,
+      *,
+      mask: jax.Array | None = None,
+      scale: jax.Array | None = None,
+      shift: jax.Array | None = None,
+  ) -> jax.Array:
+    """Normalizes `x`, then modulates it.
+
+    Args:
+      x: the channels-last input.
+      mask: optional boolean array broadcastable to `x`: the positions that
+        enter the statistics.
+      scale: optional call-time scale :math:`s` that broadcasts to `x` (a
+        UNet ResBlock's per-example ``(N, 1, 1, C)``); the output is
+        multiplied by ``1 + scale``.
+      shift: optional call-time shift :math:`t` that broadcasts to `x`,
+        added last: ``y = norm(x) * (1 + scale) + shift``.
+
+    Returns:
+      `y`, shaped like `x`.
+    """
     x = _validation.floating_input(x, allow_complex=True)
     if self.reduction_axes is None:
       reduction_axes = list(range(1, x.ndim - 1)) + [-1]
@@ -93,18 +119,26 @@ class GroupNorm(nn.Module):
       )
     channels = x.shape[-1]
     num_groups = _resolve_num_groups(self.num_groups, self.group_size, channels)
-    scale, bias = affine_parameters(self, (channels,), use_scale=self.use_scale, use_bias=self.use_bias)
+    gamma, beta = affine_parameters(
+        self, (channels,), use_scale=self.use_scale, use_bias=self.use_bias, scale_offset=self.scale_offset
+    )
+    modulation = _modulation.arrays(scale, shift)
+    dtype = output_dtype(x, gamma, beta, *modulation, dtype=self.dtype)
+    gamma, beta, scale_offset = _modulation.fold(
+        x.shape, (x.ndim - 1,), gamma, beta, self.scale_offset, *modulation
+    )
     return _group_norm.standardize_groups(
         x,
-        scale,
-        bias,
+        gamma,
+        beta,
         num_groups=num_groups,
         spatial_axes=reduction_axes[:-1],
         epsilon=self.epsilon,
         where=_validation.boolean_mask(mask, "mask"),
         axis_name=self.axis_name,
         axis_index_groups=self.axis_index_groups,
-        dtype=output_dtype(x, scale, bias, dtype=self.dtype),
+        scale_offset=scale_offset,
+        dtype=dtype,
     )
 
 
@@ -121,7 +155,8 @@ class InstanceNorm(nn.Module):
   `jaxnorm.instance_norm`, it accepts inputs without spatial positions, where
   the output is `bias`); inside, a hand-derived VJP and a stable variance
   (`use_fast_variance` and `force_float32_reductions` are accepted and
-  ignored).
+  ignored). Beyond flax, as `GroupNorm`: `scale_offset` and the call-time
+  ``scale=``/``shift=``.
 
   Example:
     >>> import jax
@@ -139,16 +174,24 @@ class InstanceNorm(nn.Module):
   use_bias: bool = True
   use_scale: bool = True
   bias_init: Initializer = initializers.zeros
-  scale_init: Initializer = initializers.ones
+  scale_init: Initializer | None = None
   feature_axes: Axes = -1
   axis_name: Any = None
   axis_index_groups: Any = None
   use_fast_variance: bool = True
   force_float32_reductions: bool = True
+  scale_offset: float = 0.0
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
-    """Normalizes `x`; `mask` (broadcastable to `x`) selects the positions that enter the statistics."""
+  def __call__(
+      self,
+      x: jax.Array,
+      *,
+      mask: jax.Array | None = None,
+      scale: jax.Array | None = None,
+      shift: jax.Array | None = None,
+  ) -> jax.Array:
+    """Normalizes `x`, then modulates it (`mask`, `scale`, `shift` as in `GroupNorm`)."""
     x = _validation.floating_input(x, allow_complex=True)
     feature_axes = _validation.canonical_axes(self.feature_axes, x.ndim, "feature_axes")
     if 0 in feature_axes:
@@ -157,13 +200,20 @@ class InstanceNorm(nn.Module):
           "as this is assumed to be the batch axis."
       )
     reduction_axes = tuple(a for a in range(1, x.ndim) if a not in feature_axes)
-    scale, bias = affine_parameters(
-        self, tuple(x.shape[a] for a in feature_axes), use_scale=self.use_scale, use_bias=self.use_bias
+    gamma, beta = affine_parameters(
+        self,
+        tuple(x.shape[a] for a in feature_axes),
+        use_scale=self.use_scale,
+        use_bias=self.use_bias,
+        scale_offset=self.scale_offset,
     )
+    modulation = _modulation.arrays(scale, shift)
+    dtype = output_dtype(x, gamma, beta, *modulation, dtype=self.dtype)
+    gamma, beta, scale_offset = _modulation.fold(x.shape, feature_axes, gamma, beta, self.scale_offset, *modulation)
     y = _standardize.apply(
         x,
-        scale,
-        bias,
+        gamma,
+        beta,
         op=f"linen.{type(self).__name__}",
         axes=reduction_axes,
         axes_name="feature_axes",
@@ -174,6 +224,7 @@ class InstanceNorm(nn.Module):
         where=_validation.boolean_mask(mask, "mask"),
         axis_name=self.axis_name,
         axis_index_groups=self.axis_index_groups,
-        dtype=output_dtype(x, scale, bias, dtype=self.dtype),
+        scale_offset=scale_offset,
+        dtype=dtype,
     )
     return y

@@ -322,11 +322,15 @@ class RunningStatistics:
       epsilon: float,
       dtype: Any,
   ) -> jax.Array:
-    """Inference: normalizes `x` with the running statistics, in flax's promoted dtype, cast once to `dtype`."""
+    """Inference: normalizes `x` with the running statistics, in flax's promoted dtype, cast once to `dtype`.
+
+    `scale` and `bias` are shaped like the feature axes, or (call-time
+    modulation) arrays of `x`'s rank that broadcast to it.
+    """
     shape = tuple(d if i in feature_axes else 1 for i, d in enumerate(x.shape))
 
     def broadcast(a):
-      return None if a is None else a.reshape(shape)
+      return a if a is None or a.ndim == x.ndim else a.reshape(shape)
 
     compute = jnp.promote_types(x.dtype, dtype)
     y = jaxnorm.normalize(

@@ -8,6 +8,7 @@ and works under `nnx.jit`, `nnx.vmap` (an ensemble with mapped state, or a
 shared module with `axis_name`) and `nnx.scan`.
 """
 
+from jaxnorm.nnx._adaln_zero import AdaLNZero
 from jaxnorm.nnx._batch_norm import BatchNorm
 from jaxnorm.nnx._batch_renorm import BatchRenorm
 from jaxnorm.nnx._dyt import DyT
@@ -20,6 +21,7 @@ from jaxnorm.nnx._spectral_norm import SpectralNorm
 from jaxnorm.nnx._weight_norm import MeanOnlyBatchNorm, WeightNorm
 
 __all__ = [
+    "AdaLNZero",
     "BatchNorm",
     "BatchRenorm",
     "DyT",

@@ -19,7 +19,7 @@ import jax
 from flax import nnx
 from flax.nnx.nn import dtypes as _flax_dtypes
 
-from jaxnorm import _validation
+from jaxnorm import _modulation, _validation
 
 NO_METADATA: Mapping[str, Any] = MappingProxyType({})
 
@@ -93,3 +93,24 @@ def promote(module: Any, arrays: tuple[Any, ...], *, dtype: Any) -> tuple[Any, .
       None if a is None else a if getattr(a, "dtype", None) == target else jax.numpy.asarray(a, target)
       for a in arrays
   )
+
+
+def modulated(
+    module: Any, x: jax.Array, feature_axes: tuple[int, ...], modulation: tuple[Any, Any], *, use_bias: bool = True
+) -> tuple[jax.Array, jax.Array | None, jax.Array | None, Any, float]:
+  """What a per-example norm hands the core: ``(x, scale, bias, dtype, scale_offset)``.
+
+  flax.nnx's promotion of the input, the module's ``scale``/``bias`` (the
+  bias only with `use_bias`) and the call-time modulation ``(scale,
+  shift)``; the output dtype; and the parameters in the feature shape of
+  `x` along `feature_axes`, with the modulation folded in
+  (`jaxnorm._modulation.fold`).
+  """
+  shape = feature_shape(x, feature_axes, module.num_features, "feature_axes")
+  bias = value(module.bias) if use_bias else None
+  x, scale, bias, s, t = promote(module, (x, value(module.scale), bias, *_modulation.arrays(*modulation)), dtype=module.dtype)
+  dtype = output_dtype(x, scale, bias, s, t, dtype=module.dtype)
+  scale, bias, scale_offset = _modulation.fold(
+      x.shape, feature_axes, as_features(scale, shape), as_features(bias, shape), module.scale_offset, s, t
+  )
+  return x, scale, bias, dtype, scale_offset

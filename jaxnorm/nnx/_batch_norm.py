@@ -42,6 +42,10 @@ class BatchNorm(BatchStatistics):
   running statistics keep their dtype (flax lets a float64 batch promote
   them).
 
+  Call-time ``scale=`` and ``shift=`` modulate the output per example
+  (conditional batch norm, BigGAN, FiLM): ``y = norm(x) * (1 + scale) +
+  shift``, with the batch (or running) statistics of plain batch norm.
+
   Under ``nnx.vmap``: an ensemble whose members keep their own statistics
   maps the module's state (``in_axes=0`` or ``nnx.StateAxes``); a module
   shared across the mapped axis (``in_axes=None``) in training needs
@@ -104,6 +108,34 @@ class BatchNorm(BatchStatistics):
         scale_metadata=scale_metadata,
     )
     self.use_fast_variance = use_fast_variance
+
+  def __call__(
+      self,
+      x: jax.Array,
+      use_running_average: bool | None = None,
+      *,
+      mask: jax.Array | None = None,
+      scale: jax.Array | None = None,
+      shift: jax.Array | None = None,
+  ) -> jax.Array:
+    """Normalizes `x` with batch statistics (training) or the running statistics (inference), then modulates it.
+
+    Args:
+      x: the input; statistics are taken over every axis but `axis`, whose
+        shape must hold `num_features` elements.
+      use_running_average: overrides the attribute of the same name.
+      mask: optional boolean array broadcastable to `x`: the positions that
+        enter the batch statistics.
+      scale: optional call-time scale :math:`s` that broadcasts to `x`
+        (conditional batch norm and FiLM: per example, ``(N, 1, 1, C)``
+        for NHWC); the output is multiplied by ``1 + scale``.
+      shift: optional call-time shift :math:`t` that broadcasts to `x`,
+        added last: ``y = norm(x) * (1 + scale) + shift``.
+
+    Returns:
+      The normalized input, shaped like `x`.
+    """
+    return self._normalize(x, use_running_average, mask, (scale, shift))
 
   def _train(self, x, scale, bias, *, axes, mask, dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
     return jaxnorm.batch_norm(

@@ -11,7 +11,7 @@ from flax import nnx
 from flax.nnx.nn import dtypes, initializers
 from flax.typing import Axes, Dtype, Initializer, PromoteDtypeFn
 
-from jaxnorm import _group_norm, _standardize, _validation
+from jaxnorm import _group_norm, _modulation, _standardize, _validation
 from jaxnorm.nnx import _affine
 from jaxnorm.nnx._affine import NO_METADATA
 
@@ -52,6 +52,10 @@ class GroupNorm(nnx.Module):
   defaults, state and output dtypes as flax; inside, a hand-derived VJP and a
   stable variance (`use_fast_variance` is accepted and ignored). `mask` may
   be any shape that broadcasts to `x` (flax needs the full shape).
+  Beyond flax: `scale_offset` :math:`o` (the multiplier is :math:`o +
+  \gamma`; the default `scale_init` starts it at 1) and the call-time
+  ``scale=``/``shift=`` of a diffusion UNet's ResBlock (guided-diffusion's
+  ``use_scale_shift_norm``): ``y = norm(x) * (1 + scale) + shift``.
 
   Example:
     >>> import jax
@@ -75,7 +79,7 @@ class GroupNorm(nnx.Module):
       use_bias: bool = True,
       use_scale: bool = True,
       bias_init: Initializer = initializers.zeros_init(),
-      scale_init: Initializer = initializers.ones_init(),
+      scale_init: Initializer | None = None,
       reduction_axes: Axes | None = None,
       axis_name: Any = None,
       axis_index_groups: Any = None,
@@ -84,10 +88,13 @@ class GroupNorm(nnx.Module):
       rngs: nnx.Rngs,
       bias_metadata: Mapping[str, Any] = NO_METADATA,
       scale_metadata: Mapping[str, Any] = NO_METADATA,
+      scale_offset: float = 0.0,
   ):
     self.feature_axis = -1
     self.num_groups, self.group_size = _groups(num_features, num_groups, group_size)
     shape = (num_features,)
+    self.scale_offset = _validation.real_number(scale_offset, "scale_offset")
+    scale_init = _modulation.scale_initializer(scale_init, self.scale_offset)
     self.scale = _affine.optional_param(use_scale, scale_init, shape, param_dtype, rngs, scale_metadata)
     self.bias = _affine.optional_param(use_bias, bias_init, shape, param_dtype, rngs, bias_metadata)
     self.num_features = num_features
@@ -102,8 +109,29 @@ class GroupNorm(nnx.Module):
     self.use_fast_variance = use_fast_variance
     self.promote_dtype = promote_dtype
 
-  def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
-    """Normalizes `x` of shape ``(..., num_features)``; `mask` selects the positions that enter the statistics."""
+  def __call__(
+      self,
+      x: jax.Array,
+      *,
+      mask: jax.Array | None = None,
+      scale: jax.Array | None = None,
+      shift: jax.Array | None = None,
+  ) -> jax.Array:
+    """Normalizes `x` of shape ``(..., num_features)``, then modulates it.
+
+    Args:
+      x: the channels-last input.
+      mask: optional boolean array broadcastable to `x`: the positions that
+        enter the statistics.
+      scale: optional call-time scale :math:`s` that broadcasts to `x` (a
+        UNet ResBlock's per-example ``(N, 1, 1, C)``); the output is
+        multiplied by ``1 + scale``.
+      shift: optional call-time shift :math:`t` that broadcasts to `x`,
+        added last: ``y = norm(x) * (1 + scale) + shift``.
+
+    Returns:
+      `y`, shaped like `x`.
+    """
     x = _validation.floating_input(x, allow_complex=True)
     if x.ndim < 1 or x.shape[-1] != self.num_features:
       raise ValueError(
@@ -120,21 +148,19 @@ class GroupNorm(nnx.Module):
           f"`reduction_axes`={self.reduction_axes!r} must include the final dimension, "
           "as this is assumed to be the feature axis."
       )
-    x, scale, bias = _affine.promote(
-        self,
-        (x, _affine.value(self.scale), _affine.value(self.bias)), dtype=self.dtype
-    )
+    x, gamma, beta, dtype, scale_offset = _affine.modulated(self, x, (x.ndim - 1,), (scale, shift))
     return _group_norm.standardize_groups(
         x,
-        scale,
-        bias,
+        gamma,
+        beta,
         num_groups=self.num_groups,
         spatial_axes=reduction_axes[:-1],
         epsilon=self.epsilon,
         where=_validation.boolean_mask(mask, "mask"),
         axis_name=self.axis_name,
         axis_index_groups=self.axis_index_groups,
-        dtype=_affine.output_dtype(x, scale, bias, dtype=self.dtype),
+        scale_offset=scale_offset,
+        dtype=dtype,
     )
 
 
@@ -149,7 +175,8 @@ class InstanceNorm(nnx.Module):
   and ``bias`` of shape ``(num_features,)`` applied along `feature_axes`
   (whose shape must hold `num_features` elements). Same arguments, defaults,
   state and output dtypes as flax; inside, a hand-derived VJP and a stable
-  variance (`use_fast_variance` is accepted and ignored).
+  variance (`use_fast_variance` is accepted and ignored). Beyond flax, as
+  `GroupNorm`: `scale_offset` and the call-time ``scale=``/``shift=``.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -171,7 +198,7 @@ class InstanceNorm(nnx.Module):
       use_bias: bool = True,
       use_scale: bool = True,
       bias_init: Initializer = initializers.zeros,
-      scale_init: Initializer = initializers.ones,
+      scale_init: Initializer | None = None,
       feature_axes: Axes = -1,
       axis_name: Any = None,
       axis_index_groups: Any = None,
@@ -180,8 +207,11 @@ class InstanceNorm(nnx.Module):
       rngs: nnx.Rngs,
       bias_metadata: Mapping[str, Any] = NO_METADATA,
       scale_metadata: Mapping[str, Any] = NO_METADATA,
+      scale_offset: float = 0.0,
   ):
     shape = (num_features,)
+    self.scale_offset = _validation.real_number(scale_offset, "scale_offset")
+    scale_init = _modulation.scale_initializer(scale_init, self.scale_offset)
     self.scale = _affine.optional_param(use_scale, scale_init, shape, param_dtype, rngs, scale_metadata)
     self.bias = _affine.optional_param(use_bias, bias_init, shape, param_dtype, rngs, bias_metadata)
     self.num_features = num_features
@@ -196,8 +226,15 @@ class InstanceNorm(nnx.Module):
     self.use_fast_variance = use_fast_variance
     self.promote_dtype = promote_dtype
 
-  def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
-    """Normalizes `x`; `mask` (broadcastable to `x`) selects the positions that enter the statistics."""
+  def __call__(
+      self,
+      x: jax.Array,
+      *,
+      mask: jax.Array | None = None,
+      scale: jax.Array | None = None,
+      shift: jax.Array | None = None,
+  ) -> jax.Array:
+    """Normalizes `x`, then modulates it (`mask`, `scale`, `shift` as in `GroupNorm`)."""
     x = _validation.floating_input(x, allow_complex=True)
     feature_axes = _validation.canonical_axes(self.feature_axes, x.ndim, "feature_axes")
     if 0 in feature_axes:
@@ -205,15 +242,11 @@ class InstanceNorm(nnx.Module):
           f"`feature_axes`={self.feature_axes!r} cannot include the leading dimension, "
           "as this is assumed to be the batch axis."
       )
-    shape = _affine.feature_shape(x, feature_axes, self.num_features, "feature_axes")
-    x, scale, bias = _affine.promote(
-        self,
-        (x, _affine.value(self.scale), _affine.value(self.bias)), dtype=self.dtype
-    )
+    x, gamma, beta, dtype, scale_offset = _affine.modulated(self, x, feature_axes, (scale, shift))
     return _standardize.apply(
         x,
-        _affine.as_features(scale, shape),
-        _affine.as_features(bias, shape),
+        gamma,
+        beta,
         op=f"nnx.{type(self).__name__}",
         axes=tuple(a for a in range(1, x.ndim) if a not in feature_axes),
         axes_name="feature_axes",
@@ -224,5 +257,6 @@ class InstanceNorm(nnx.Module):
         where=_validation.boolean_mask(mask, "mask"),
         axis_name=self.axis_name,
         axis_index_groups=self.axis_index_groups,
-        dtype=_affine.output_dtype(x, scale, bias, dtype=self.dtype),
+        scale_offset=scale_offset,
+        dtype=dtype,
     )

@@ -11,26 +11,22 @@ from flax import nnx
 from flax.nnx.nn import dtypes, initializers
 from flax.typing import Axes, Dtype, Initializer, PromoteDtypeFn
 
-from jaxnorm import _standardize, _validation
+from jaxnorm import _modulation, _standardize, _validation
 from jaxnorm.nnx import _affine
 from jaxnorm.nnx._affine import NO_METADATA
 
 
-def per_example(module: nnx.Module, x: jax.Array, mask: jax.Array | None, *, centered: bool) -> jax.Array:
+def per_example(
+    module: nnx.Module, x: jax.Array, mask: jax.Array | None, modulation: tuple[Any, Any], *, centered: bool
+) -> jax.Array:
   """The shared body of LayerNorm and RMSNorm: statistics over `reduction_axes`, parameters along `feature_axes`."""
   x = _validation.floating_input(x, allow_complex=True)
   feature_axes = _validation.canonical_axes(module.feature_axes, x.ndim, "feature_axes")
-  shape = _affine.feature_shape(x, feature_axes, module.num_features, "feature_axes")
-  scale = _affine.value(module.scale)
-  bias = _affine.value(module.bias) if centered else None
-  if centered:
-    x, scale, bias = _affine.promote(module, (x, scale, bias), dtype=module.dtype)
-  else:
-    x, scale = _affine.promote(module, (x, scale), dtype=module.dtype)
+  x, scale, bias, dtype, scale_offset = _affine.modulated(module, x, feature_axes, modulation, use_bias=centered)
   return _standardize.apply(
       x,
-      _affine.as_features(scale, shape),
-      _affine.as_features(bias, shape),
+      scale,
+      bias,
       op=f"nnx.{type(module).__name__}",
       axes=module.reduction_axes,
       axes_name="reduction_axes",
@@ -41,7 +37,8 @@ def per_example(module: nnx.Module, x: jax.Array, mask: jax.Array | None, *, cen
       where=_validation.boolean_mask(mask, "mask"),
       axis_name=module.axis_name,
       axis_index_groups=module.axis_index_groups,
-      dtype=_affine.output_dtype(x, scale, bias, dtype=module.dtype),
+      scale_offset=scale_offset,
+      dtype=dtype,
   )
 
 
@@ -49,7 +46,7 @@ class LayerNorm(nnx.Module):
   r"""Layer normalization, a drop-in for `flax.nnx.LayerNorm`.
 
   .. math::
-      y = \gamma \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}} + \beta
+      y = \Bigl((o + \gamma) \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}} + \beta\Bigr)(1 + s) + t
 
   with :math:`\mu, \sigma^2` over `reduction_axes` for each example; params
   ``scale`` (:math:`\gamma`) and ``bias`` (:math:`\beta`) of shape
@@ -57,6 +54,12 @@ class LayerNorm(nnx.Module):
   `num_features` elements). Same arguments, defaults, state and output
   dtypes as flax; inside, a hand-derived VJP and a stable variance
   (`use_fast_variance` is accepted and ignored).
+
+  Beyond flax: `scale_offset` :math:`o` (default 0; 1 is Gemma's zero-centred
+  scale, and the default `scale_init` then starts :math:`\gamma` at 0), and
+  the call-time modulation :math:`s, t` of adaLN and FiLM, ``scale=`` and
+  ``shift=`` (per example or position; see `AdaLNZero` for DiT's block),
+  inside the same hand-derived VJP.
 
   Example:
     >>> import jax
@@ -77,7 +80,7 @@ class LayerNorm(nnx.Module):
       use_bias: bool = True,
       use_scale: bool = True,
       bias_init: Initializer = initializers.zeros_init(),
-      scale_init: Initializer = initializers.ones_init(),
+      scale_init: Initializer | None = None,
       reduction_axes: Axes = -1,
       feature_axes: Axes = -1,
       axis_name: Any = None,
@@ -87,8 +90,11 @@ class LayerNorm(nnx.Module):
       rngs: nnx.Rngs,
       bias_metadata: Mapping[str, Any] = NO_METADATA,
       scale_metadata: Mapping[str, Any] = NO_METADATA,
+      scale_offset: float = 0.0,
   ):
     shape = (num_features,)
+    self.scale_offset = _validation.real_number(scale_offset, "scale_offset")
+    scale_init = _modulation.scale_initializer(scale_init, self.scale_offset)
     self.scale = _affine.optional_param(use_scale, scale_init, shape, param_dtype, rngs, scale_metadata)
     self.bias = _affine.optional_param(use_bias, bias_init, shape, param_dtype, rngs, bias_metadata)
     self.num_features = num_features
@@ -104,21 +110,46 @@ class LayerNorm(nnx.Module):
     self.use_fast_variance = use_fast_variance
     self.promote_dtype = promote_dtype
 
-  def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
-    """Normalizes `x`; `mask` (broadcastable to `x`) selects the positions that enter the statistics."""
-    return per_example(self, x, mask, centered=True)
+  def __call__(
+      self,
+      x: jax.Array,
+      *,
+      mask: jax.Array | None = None,
+      scale: jax.Array | None = None,
+      shift: jax.Array | None = None,
+  ) -> jax.Array:
+    """Normalizes `x`, then modulates it.
+
+    Args:
+      x: the input.
+      mask: optional boolean array broadcastable to `x`: the positions that
+        enter the statistics.
+      scale: optional call-time scale :math:`s` that broadcasts to `x`
+        (DiT's per-example ``(batch, 1, features)``); the output is
+        multiplied by ``1 + scale``, as in DiT's ``modulate``.
+      shift: optional call-time shift :math:`t` that broadcasts to `x`,
+        added last: ``y = norm(x) * (1 + scale) + shift``.
+
+    Returns:
+      `y`, shaped like `x`.
+    """
+    return per_example(self, x, mask, (scale, shift), centered=True)
 
 
 class RMSNorm(nnx.Module):
   r"""Root-mean-square normalization, a drop-in for `flax.nnx.RMSNorm`.
 
   .. math::
-      y = \gamma \frac{x}{\sqrt{\overline{x^2} + \epsilon}}
+      y = (o + \gamma) \frac{x}{\sqrt{\overline{x^2} + \epsilon}} \, (1 + s) + t
 
   with the mean square over `reduction_axes` for each example and the param
   ``scale`` (:math:`\gamma`) of shape ``(num_features,)`` applied along
   `feature_axes`. Same arguments (`mask` may be passed positionally, as in
   flax), defaults, state and output dtypes as flax, with a hand-derived VJP.
+  Beyond flax, as `LayerNorm`: `scale_offset` :math:`o` (1 for Gemma's
+  ``x̂ * (1 + scale)``, `scale` then initialised to zeros: the parameters of
+  the RMSNorm in flax's ``examples/gemma``) and the call-time ``scale=``
+  :math:`s` and ``shift=`` :math:`t`.
 
   Example:
     >>> import jax
@@ -138,7 +169,7 @@ class RMSNorm(nnx.Module):
       dtype: Dtype | None = None,
       param_dtype: Dtype = jnp.float32,
       use_scale: bool = True,
-      scale_init: Initializer = initializers.ones,
+      scale_init: Initializer | None = None,
       reduction_axes: Axes = -1,
       feature_axes: Axes = -1,
       axis_name: Any = None,
@@ -147,7 +178,10 @@ class RMSNorm(nnx.Module):
       promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
       rngs: nnx.Rngs,
       scale_metadata: Mapping[str, Any] = NO_METADATA,
+      scale_offset: float = 0.0,
   ):
+    self.scale_offset = _validation.real_number(scale_offset, "scale_offset")
+    scale_init = _modulation.scale_initializer(scale_init, self.scale_offset)
     self.scale = _affine.optional_param(use_scale, scale_init, (num_features,), param_dtype, rngs, scale_metadata)
     self.num_features = num_features
     self.epsilon = epsilon
@@ -161,6 +195,13 @@ class RMSNorm(nnx.Module):
     self.use_fast_variance = use_fast_variance
     self.promote_dtype = promote_dtype
 
-  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-    """Normalizes `x`; `mask` (broadcastable to `x`) selects the positions that enter the statistics."""
-    return per_example(self, x, mask, centered=False)
+  def __call__(
+      self,
+      x: jax.Array,
+      mask: jax.Array | None = None,
+      *,
+      scale: jax.Array | None = None,
+      shift: jax.Array | None = None,
+  ) -> jax.Array:
+    """Normalizes `x`, then modulates it (`mask`, `scale`, `shift` as in `LayerNorm`)."""
+    return per_example(self, x, mask, (scale, shift), centered=False)

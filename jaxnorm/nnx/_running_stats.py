@@ -19,7 +19,7 @@ from flax import nnx
 from jax import lax
 
 import jaxnorm
-from jaxnorm import _moments, _validation
+from jaxnorm import _modulation, _moments, _validation
 from jaxnorm.nnx import _affine
 
 
@@ -97,14 +97,15 @@ def normalize_with(
 ) -> jax.Array:
   """Inference: `x` normalized with given (flat, float32) statistics, computed in at least float32, cast to `dtype`.
 
-  `scale`/`bias` are already in the feature shape; the statistics are used in
+  `scale`/`bias` are in the feature shape, or of `x`'s rank (call-time
+  modulation) and broadcast to it; the statistics are used in
   their storage dtype (flax.nnx first casts them to the compute dtype, which
   at ``dtype=bfloat16`` rounds the running variance to 8 bits).
   """
   shape = tuple(d if i in axes else 1 for i, d in enumerate(x.shape))
 
-  def broadcast(a):
-    return None if a is None else a.reshape(shape)
+  def broadcast(a):  # a call-time (modulated) parameter already has the rank of x
+    return a if a is None or a.ndim == x.ndim else a.reshape(shape)
 
   compute = jnp.promote_types(x.dtype, dtype)
   y = jaxnorm.normalize(
@@ -177,18 +178,26 @@ class BatchStatistics(TrainEvalSwitch, nnx.Module):
     Returns:
       The normalized input, shaped like `x`.
     """
+    return self._normalize(x, use_running_average, mask, (None, None))
+
+  def _normalize(self, x, use_running_average, mask, modulation) -> jax.Array:
+    """`__call__`, with a call-time ``(scale, shift)`` modulation (see `jaxnorm._modulation`) or ``(None, None)``."""
     use_running_average = self._resolve_use_running_average(use_running_average)
     x = _validation.floating_input(x, allow_complex=True)
     mask = _validation.boolean_mask(mask, "mask")
     axes = _validation.canonical_axes(self.axis, x.ndim, "axis")
     shape = _affine.feature_shape(x, axes, self.num_features, "axis")
-    # flax.nnx's promotion: the input, the statistics and the parameters together.
-    x, _, _, scale, bias = _affine.promote(
+    # flax.nnx's promotion: the input, the statistics, the parameters and the modulation together.
+    x, _, _, scale, bias, *modulation = _affine.promote(
         self,
-        (x, self.mean[...], self.var[...], _affine.value(self.scale), _affine.value(self.bias)), dtype=self.dtype
+        (x, self.mean[...], self.var[...], _affine.value(self.scale), _affine.value(self.bias),
+         *_modulation.arrays(*modulation)),
+        dtype=self.dtype,
     )
-    dtype = _affine.output_dtype(x, scale, bias, dtype=self.dtype)
-    scale, bias = _affine.as_features(scale, shape), _affine.as_features(bias, shape)
+    dtype = _affine.output_dtype(x, scale, bias, *modulation, dtype=self.dtype)
+    scale, bias, _ = _modulation.fold(
+        x.shape, axes, _affine.as_features(scale, shape), _affine.as_features(bias, shape), 0.0, *modulation
+    )
     if use_running_average:
       return normalize_with(
           x, self.mean[...], self.var[...], scale, bias, axes=axes, epsilon=self.epsilon, dtype=dtype
