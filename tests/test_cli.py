@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 
@@ -112,3 +114,21 @@ def test_package_root_holds_the_library_only():
   programs = {"tour.py", "bench.py", "bench_targets.py", "selfcheck.py", "_timing.py", "cli.py"}
   assert not programs & {p.name for p in root.glob("*.py")}
   assert (root / "cli" / "gpu_targets" / "h100_sxm.txtpb").is_file()
+
+
+def test_quick_blocks_agree_with_flax_and_write_json(tmp_path):
+  """`jaxnorm blocks --quick`: every block's first step matches flax's loss and gradients; the JSON holds each figure."""
+  out = tmp_path / "blocks.json"
+  proc = subprocess.run(
+      [sys.executable, "-m", "jaxnorm", "blocks", "--quick", "--out", str(out)],
+      capture_output=True, text=True, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "dit (vs flax)" in proc.stdout and "add_rms_norm (vs one_vjp)" in proc.stdout
+  report = json.loads(out.read_text())
+  assert [b["block"] for b in report["blocks"]] == ["dit", "gemma", "add_rms_norm"]
+  for block in report["blocks"]:
+    assert block["loss_diff"] <= 1e-5 * max(1.0, abs(block["loss"])), block
+    assert block["grad_rel_diff"] < 1e-4, block
+    for figures in block["results"].values():
+      assert figures["ms"] > 0 and figures["temp_bytes"] is not None

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import jaxnorm
 from jaxnorm import linen as jnn
 from jaxnorm import nnx as jnnx
 
@@ -236,3 +237,27 @@ def test_modulation_errors_name_the_call_argument():
     jnnx.AdaLNZero(8, 6, rngs=nnx.Rngs(0))(X3, np.ones((2, 6)))
   with pytest.raises(ValueError, match="`scale_offset`=1.0 is added to `scale`, but `scale` is None"):
     jnn.RMSNorm(use_scale=False, scale_offset=1.0).init(jax.random.key(0), X3)
+
+
+def test_modulation_under_strict_settings_jit_and_vmap():
+  """float32 throughout, the four strict settings at once, under jit; and vmap over examples."""
+  from test_strict_modes import strict
+
+  x = X4.astype(np.float32)
+  s, t = S4.astype(np.float32), T4.astype(np.float32)
+  cases = {
+      "LayerNorm": jnn.LayerNorm(scale_offset=1.0),
+      "RMSNorm": jnn.RMSNorm(),
+      "GroupNorm": jnn.GroupNorm(num_groups=2),
+      "InstanceNorm": jnn.InstanceNorm(),
+      "BatchNorm": jnn.BatchNorm(use_running_average=False),
+  }
+  for name, layer in cases.items():
+    variables = layer.init(jax.random.key(0), x)
+    with strict():
+      loss = jax.jit(lambda x, s, t: jnp.sum(layer.apply(variables, x, scale=s, shift=t, mutable=["batch_stats"])[0]))
+      grads = jax.grad(loss, (0, 1, 2))(x, s, t)
+    assert all(np.all(np.isfinite(g)) for g in grads), name
+  # vmap over examples: a per-example scale and shift of one example each is the batched call.
+  f = lambda x, s, t: jaxnorm.layer_norm(x, s, t, scale_offset=1.0)
+  np.testing.assert_allclose(jax.vmap(f)(X3, S3[:, 0], T3[:, 0]), f(X3, S3, T3), **TOL)
