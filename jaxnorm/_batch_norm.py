@@ -63,6 +63,15 @@ def batch_norm(
       `axis_name` as flax does: no reduced axis is then allowed (each value
       is its own batch, and the output is the bias).
 
+  Degenerate batches, the one rule of this op and the `BatchNorm` modules
+  (linen and nnx) in training: a single value per feature (e.g. one example
+  of shape `(1, C)`, counted over the devices of `axis_name` too) raises a
+  `ValueError`, as PyTorch does, since its variance is 0 and every output
+  would be the bias; an empty batch (a zero-size axis) gives mean 0 and
+  variance 0, and the modules keep their running statistics. With `where`
+  the count is data-dependent and not checked: a feature with one valid
+  value outputs the bias, one with none keeps its running statistics.
+
   Returns:
     `(y, mean, var)`: `y` shaped like `x`; the batch mean and biased variance
     shaped like the feature axes, in the accumulation dtype (at least float32),
@@ -88,6 +97,8 @@ def batch_norm(
         "batch_norm needs at least one axis (the batch) to take statistics over, or an `axis_name` "
         "(e.g. of `jax.vmap(..., axis_name=...)` over the examples) to take them over the mapped axis."
     )
+  if where is None and not _no_batch_axis_ok:
+    _validation.more_than_one_value(x.shape, reduced, axis_name, axis_index_groups, "batch_norm")
   return _standardize.apply(
       x,
       scale,

@@ -109,13 +109,14 @@ def any_valid(
   """Whether each feature has a valid value: `mask` (broadcastable to `shape`) reduced over the non-feature axes.
 
   Taken over the devices of `axis_name` too. None without a mask (every
-  feature is valid). Running-statistics updates leave features without a
+  feature is valid), unless the batch is empty. Running-statistics updates leave features without a
   valid value unchanged (their batch mean and variance are 0 by convention).
   """
-  if mask is None:
-    return None
-  mask = jnp.broadcast_to(mask, shape)
   reduced = tuple(a for a in range(len(shape)) if a not in feature_axes)
+  if mask is None:
+    # An empty batch (a zero-size axis) has no valid value anywhere.
+    return None if _static_count(shape, reduced) else jnp.zeros(tuple(shape[a] for a in feature_axes), bool)
+  mask = jnp.broadcast_to(mask, shape)
   count = jnp.sum(mask, reduced, dtype=jnp.int32)
   if axis_name is not None:
     count = lax.psum(count, axis_name, axis_index_groups=axis_index_groups)
@@ -215,7 +216,9 @@ def compute(
     count, total = sum_across([count, total], axis_name, axis_index_groups)
     zero = jnp.zeros_like(total)
     return Moments(count, zero, zero, total / jnp.maximum(count, 1))
-  if mask is None and axis_name is None and not portable:
+  # An empty reduction (a zero-size axis) has no element to shift by: the
+  # two-pass formula gives it the empty group's statistics (0, 0).
+  if mask is None and axis_name is None and not portable and x.size:
     def two_pass(x):
       return _two_pass(x, count, axes, None, None, None, dtype, channel_groups)
 
@@ -308,36 +311,87 @@ def complex_compute(
 def _one_pass(x, count, axes, dtype, channel_groups) -> Moments:
   r"""Centered moments in one pass over `x`: sums of deviations from one value of each group.
 
-  With :math:`K` the first element of a group of :math:`n` and
+  With :math:`K` an element of a group of :math:`n` (the median of its first,
+  middle and last element, `_pivot`) and
   :math:`d = x - K`, both sums :math:`\sum d` and :math:`\sum d^2` read `x`
   once, as one fused pass, and
 
   .. math::
       \mu = K + \bar d, \qquad \sigma^2 = \overline{d^2} - \bar d^{\,2}.
 
-  The subtraction cancels only by :math:`\overline{d^2} / \sigma^2 = 1 +
+  Error. The subtraction cancels only by :math:`\overline{d^2} / \sigma^2 = 1 +
   (\mu - K)^2 / \sigma^2`, and since :math:`K` is a member of the group,
   :math:`(\mu - K)^2 \le (n - 1)\,\sigma^2`. So the variance carries a
   relative error of at most about :math:`n\,\varepsilon` beyond the
   summation's own, whatever :math:`|\mu| / \sigma` is (unlike
   :math:`E[x^2] - E[x]^2`, whose error grows as :math:`\varepsilon\,\mu^2
-  / \sigma^2`): :math:`n\,\varepsilon` is reached only when :math:`K` is the
-  one outlier of its group, and for typical data :math:`(\mu - K)^2 /
+  / \sigma^2`): :math:`n\,\varepsilon` is approached only when :math:`K` is an
+  outlier of its group (two of the three elements `_pivot` looks at must be
+  outliers for that), and for typical data :math:`(\mu - K)^2 /
   \sigma^2` is of order 1, so the error stays a few :math:`\varepsilon`
   (:math:`\varepsilon = 2^{-24}` in float32). A constant group gives
-  :math:`d = 0` exactly, hence variance 0. The mean is kept as ``shift = K``
-  plus ``offset`` :math:`= \bar d`, as in `_two_pass`.
+  :math:`d = 0` exactly, hence variance 0.
+
+  Range. A deviation from :math:`K` is at most twice the largest deviation
+  :math:`D` from the mean (:math:`|x - K| \le |x - \mu| + |\mu - K|`), so
+  its square could overflow where the two-pass formula's does not. The sums
+  are therefore taken of :math:`h = d / 2` (exact: a power of two), and
+  :math:`\sigma^2 = 4\,(\overline{h^2} - \bar h^{\,2})`:
+  :math:`h^2 \le D^2`, and no intermediate exceeds the variance's own
+  magnitude, so the range is the two-pass formula's, :math:`n D^2` below the
+  dtype's largest value (``sqrt(max / n)`` for `D`; the README's range). Beyond
+  it the variance is ``inf``, as on the CPU, not ``inf - inf``.
+
+  The mean is kept as ``shift = K`` plus ``offset`` :math:`= 2 \bar h`, as in
+  `_two_pass`; the kernel's backward re-centres it (`recentred`).
   """
-  index = tuple(slice(0, 1) if i in axes else slice(None) for i in range(x.ndim))
-  shift = x[index].astype(dtype)
+  k = _pivot(x, axes).astype(dtype)
   if channel_groups is not None:
     size = x.shape[-1] // channel_groups
-    shift = jnp.repeat(shift[..., ::size], size, axis=-1)
-  d = x.astype(dtype) - shift
+    k = jnp.repeat(k[..., ::size], size, axis=-1)
+  h = (x.astype(dtype) - k) * 0.5
   inv_count = 1 / jnp.maximum(count, 1)
-  offset = group_sum(d, axes, channel_groups) * inv_count
-  var = jnp.maximum(group_sum(jnp.square(d), axes, channel_groups) * inv_count - jnp.square(offset), 0)
-  return Moments(count, shift, offset, var)
+  h_mean = group_sum(h, axes, channel_groups) * inv_count
+  h_square = group_sum(jnp.square(h), axes, channel_groups) * inv_count
+  # Beyond the range the mean square is inf; so may be the square of the
+  # mean, and inf - inf would be NaN: the variance is inf there (non-finite
+  # input, where the mean is not finite either, stays NaN).
+  quarter_var = jnp.where(
+      jnp.isinf(h_square) & jnp.isfinite(h_mean), h_square, jnp.maximum(h_square - jnp.square(h_mean), 0)
+  )
+  return Moments(count, k, 2 * h_mean, 4 * quarter_var)
+
+
+def recentred(x: jax.Array, stats: Moments, axes: tuple[int, ...], channel_groups: int | None) -> Moments:
+  r"""`stats` with the mean re-split as ``shift + offset`` about the mean itself, from one more sum over `x`.
+
+  `_one_pass`'s mean is ``K + offset`` with :math:`K` a member of the group:
+  exact only to about :math:`\varepsilon |\mu - K|` times the summation's
+  growth. The new `shift` is that mean rounded, and the new `offset` the
+  mean of ``x - shift``, deviations about the mean, summed to full precision.
+  The kernel's backward calls it on GPU and TPU, where it rides in a
+  reduction over `x` that the backward makes anyway, so that its sums of
+  ``g (x - shift)`` deviate about the mean as `_two_pass`'s do (with
+  :math:`K` far out, ``sum(g (x - K)) - (mu - K) sum(g)`` lost three digits
+  of the scale's gradient). `x` is unmasked and already in the statistics'
+  dtype.
+  """
+  shift = stats.shift + stats.offset
+  offset = group_sum(x - shift, axes, channel_groups) / jnp.maximum(stats.count, 1)
+  return stats._replace(shift=shift, offset=offset)
+
+
+def _pivot(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+  r"""The median of each group's first, middle and last element (keepdims shape): `_one_pass`'s `K`.
+
+  One outlier, wherever it lies in the group, is never chosen, so typical
+  data keep :math:`(\mu - K)^2 / \sigma^2` of order 1.
+  """
+  def at(position):
+    return x[tuple(slice(position(x.shape[i]), position(x.shape[i]) + 1) if i in axes else slice(None) for i in range(x.ndim))]
+
+  a, b, c = at(lambda n: 0), at(lambda n: n // 2), at(lambda n: n - 1)
+  return jnp.maximum(jnp.minimum(a, b), jnp.minimum(jnp.maximum(a, b), c))
 
 
 def _valid_count(shape, axes, mask, dtype, channel_groups, portable) -> jax.Array:

@@ -256,6 +256,21 @@ def _bwd(spec: Spec, residuals, g):
   # for layer norm); `inner`: the other reduced axes.
   outer = tuple(a for a in spec.axes if _constant_over((a,), scale, bias))
   inner = tuple(a for a in spec.axes if a not in outer)
+  inv_n = 1 / jnp.maximum(count, 1)
+  # GPU and TPU: the one-pass mean is ``pivot + offset`` with the pivot a
+  # member of the group (`_moments._one_pass`), exact to about eps |mean -
+  # pivot|; the CPU's two-pass mean has a tiny offset, and its program stays
+  # as it is. Where the parameters are constant over the group, sum(g x-hat)
+  # multiplies the mean's error by sum(g): the mean is re-centred first, by
+  # one more sum that rides in this backward's reductions over x.
+  one_pass = spec.centered and mask is None and spec.axis_name is None
+  if outer and one_pass:
+    def recentred(x, shift, offset):
+      stats = _moments.Moments(count, shift, offset, rstd)
+      stats = _moments.recentred(x.astype(acc), stats, spec.axes, spec.channel_groups)
+      return stats.shift, stats.offset
+
+    shift, offset = _platform.by_platform(x, shift, offset, cpu=lambda x, s, o: (s, o), default=recentred)
   if outer:
     # Sum over `outer` first, where x-hat = ((x - shift) - offset) rstd has
     # constant offset and rstd: sum(g x-hat) = rstd (sum(g (x - shift)) -
@@ -272,11 +287,17 @@ def _bwd(spec: Spec, residuals, g):
     if spec.centered:
       sums.append(finish(g_sum if gamma is None else g_sum * gamma))
   else:
-    # rstd and offset are constant over each group, so they leave the sums:
-    # sum(h x-hat) = rstd (sum(h (x - shift)) - offset sum(h)).
+    # rstd and offset are constant over each group, so on the CPU they leave
+    # the sums: sum(h x-hat) = rstd (sum(h (x - shift)) - offset sum(h)). On
+    # GPU and TPU the offset is as large as the spread (see above), and that
+    # difference would cancel: x-hat is formed element by element there.
     h_sum = finish(h(5)) if spec.centered else None
-    h_dev = finish(h(4) * _deviation(4, x, mask, shift, acc)[0])
-    sums = [rstd * h_dev if h_sum is None else rstd * (h_dev - offset * h_sum)]
+
+    def factored():
+      h_dev = finish(h(4) * _deviation(4, x, mask, shift, acc)[0])
+      return rstd * h_dev if h_sum is None else rstd * (h_dev - offset * h_sum)
+
+    sums = [_platform.by_platform(cpu=factored, default=lambda: finish(h(4) * xhat(4))) if one_pass else factored()]
     if spec.centered:
       sums.append(h_sum)
     d_scale = None if scale is None else _reduce_to(cotangent(3) * xhat(3), scale.shape)
@@ -285,7 +306,6 @@ def _bwd(spec: Spec, residuals, g):
     # a pass of its own (a third of layer norm's backward on (8192, 1024)).
     d_bias = None if bias is None else _reduce_to(cotangent(7) * (rstd * 0 + 1), bias.shape)
   sums = _moments.sum_across(sums, spec.axis_name, spec.axis_index_groups)
-  inv_n = 1 / jnp.maximum(count, 1)
   correction = xhat(6) * (sums[0] * inv_n)
   if spec.centered:
     correction = correction + sums[1] * inv_n

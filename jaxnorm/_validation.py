@@ -9,6 +9,7 @@ wrong answer.
 from __future__ import annotations
 
 import contextlib
+import math
 import numbers
 import operator
 from collections.abc import Hashable, Iterator, Sequence
@@ -16,6 +17,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.interpreters import ad as _ad
 import numpy as np
 
@@ -184,6 +186,37 @@ def scale_offset(value: Any, scale: Any) -> float:
         "for the identity) or leave scale_offset at 0."
     )
   return value
+
+
+def static_count(shape: tuple[int, ...], axes: tuple[int, ...], axis_name: Any = None, axis_index_groups: Any = None) -> int:
+  """How many values each statistic over `axes` (and the devices of `axis_name`) sees, without a mask.
+
+  The number of devices is static under `vmap`, `shard_map` and `pmap`
+  (``psum`` of a Python constant is the axis size, and no collective).
+  """
+  n = math.prod(shape[a] for a in axes)
+  if axis_name is not None:
+    n *= len(axis_index_groups[0]) if axis_index_groups else lax.psum(1, axis_name)
+  return n
+
+
+def more_than_one_value(
+    shape: tuple[int, ...], axes: tuple[int, ...], axis_name: Any, axis_index_groups: Any, owner: str
+) -> None:
+  """Raises `ValueError` when batch statistics over `axes` would see a single value per feature.
+
+  Example:
+    >>> from jaxnorm._validation import more_than_one_value
+    >>> more_than_one_value((8, 4), (0,), None, None, "batch_norm")  # eight values: fine
+  """
+  if static_count(shape, axes, axis_name, axis_index_groups) == 1:
+    over = f"axes {tuple(axes)}" + (f" and the devices of axis_name={axis_name!r}" if axis_name is not None else "")
+    raise ValueError(
+        f"{owner} is in training mode but gets a single value per feature (input of shape {tuple(shape)}, "
+        f"statistics over {over}): the batch variance is 0, every output would equal the bias and no gradient "
+        "would flow. Train with more than one value per feature, or use `use_running_average=True` "
+        "(inference) for a single example."
+    )
 
 
 def integer(value: Any, name: str) -> int:

@@ -49,10 +49,10 @@ def _exported_for_all(target, sharding):
   out = {}
   for mode, fn, args in (
       ("fwd", jax.jit(apply), abstract),
-      ("fwd_bwd", _timing.loss_grad(apply, 2), [*abstract, abstract[0]]),
+      ("train", bench_targets.train_grad(apply, 2), [*abstract, abstract[0]]),
   ):
     exported = export.export(fn, platforms=("cpu", "cuda", "tpu"))(*args)
-    extra = [placed[0]] if mode == "fwd_bwd" else []
+    extra = [placed[0]] if mode == "train" else []
     compiled = jax.jit(exported.call).lower(*placed, *extra).compile()
     out[mode] = {
         "barrier": "opt-barrier" in compiled.as_text(),

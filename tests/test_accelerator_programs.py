@@ -3,7 +3,8 @@
 `_target_programs.py` compiles, in a subprocess of its own (the compiler
 plugins change which backends JAX finds), every benchmark case of the
 accelerator goals for each target: jaxnorm, flax.linen (default and exact
-variance) and the textbook formula, forward and forward+backward, and reads
+variance) and the textbook formula, forward and a training step's gradient
+(`bench_targets.train_grad`), and reads
 kernels, bytes accessed (GPU) and estimated cycles (TPU) from the optimized
 programs (`jaxnorm.cli.bench_targets`). The goals (`bench_targets.goals`): kernels
 at most flax default's; GPU bytes at most the least of the three peers; TPU
@@ -32,15 +33,25 @@ from jaxnorm.cli import bench_targets
 HERE = os.path.dirname(os.path.abspath(__file__))
 PLUGINS = ("jax_plugins.xla_cuda12", "libtpu")
 
-# The one-pass statistics subtract a shift read from x (one element of each
-# group): XLA:GPU and XLA:TPU read it in a small kernel of its own (a slice of
-# |x| / 1024 to |x| / 8192 bytes) before the fused pass over x. Where flax's
-# default program has as many other kernels as ours, that is one kernel more.
-SHIFT = "one kernel more: the gather of the shift, a slice of 1/1024 of x or less"
+# The one-pass statistics subtract a pivot read from x (the median of three
+# elements of each group): XLA:GPU and XLA:TPU read it in a small kernel of
+# its own (three slices of |x| / 1024 to |x| / 8192 bytes) before the fused
+# pass over x. Where flax's default program has as many other kernels as
+# ours, that is one kernel more.
+SHIFT = "one kernel more: the gather of the pivot, slices of 1/1024 of x or less"
 # RMS norm's backward is flax's program kernel for kernel; XLA's cost model
 # gives ours one per-row vector more (32 KB of 85-168 MB) or 0.1% more TPU
 # cycles (one more subtraction per element in the dx kernel).
 RMS_TIE = "RMS norm backward: the same kernels as flax, within 0.1% of its cost"
+# Layer norm's training step on GPU: flax's kernels, and 0.02% more bytes
+# (per-row vectors: the statistics the backward re-reads).
+LN_TIE = "layer norm training step: the same kernels as flax, within 0.1% of its bytes"
+# On TPU the backward's row sums take x-hat about the one-pass mean element
+# by element (exact gradients with a far pivot), which XLA:TPU runs as a
+# kernel apart from the sum of the cotangent; with the pivot's gather, two
+# kernels more than flax default's, at 1.07x its estimated cycles (flax's
+# variance cancels) and 0.65-0.71x the exact peers'.
+TPU_LN = "TPU layer norm training step: two kernels more (the pivot, the row sums about the mean), cycles within the goal"
 # On CUDA the forward of a layer norm uses the two-pass formula, which H100
 # fuses into one Triton kernel reading x once (a goal); A100 has no such
 # fusion and gets the exact-variance program, one pass more than flax default.
@@ -49,19 +60,20 @@ A100_LN = "A100 layer norm forward: the exact-variance program (the formula that
 # (target, case, mode) -> (why, extra kernels allowed over flax default's, allowed cost over the goal's bound)
 KNOWN_MISSES = {
     ("h100", "batch_norm/f32/64x32x32x128", "fwd"): (SHIFT, 1, 1.001),
-    ("h100", "group_norm/f32/64x32x32x128", "fwd"): (SHIFT, 1, 1.001),
+    ("h100", "group_norm/f32/64x32x32x128", "fwd"): (SHIFT, 1, 1.002),
     ("a100", "batch_norm/f32/64x32x32x128", "fwd"): (SHIFT, 1, 1.001),
-    ("a100", "group_norm/f32/64x32x32x128", "fwd"): (SHIFT, 1, 1.001),
+    ("a100", "group_norm/f32/64x32x32x128", "fwd"): (SHIFT, 1, 1.002),
+    ("h100", "batch_norm/f32/64x32x32x128", "train"): (SHIFT, 1, 1.0),
+    ("a100", "batch_norm/f32/64x32x32x128", "train"): (SHIFT, 1, 1.0),
     ("tpu-v5e", "layer_norm/f32/8192x1024", "fwd"): (SHIFT, 1, 1.0),
-    ("tpu-v5e", "layer_norm/f32/8192x1024", "fwd_bwd"): (SHIFT, 1, 1.0),
     ("tpu-v5e", "layer_norm/bf16/8192x1024", "fwd"): (SHIFT, 1, 1.0),
-    ("tpu-v5e", "layer_norm/bf16/8192x1024", "fwd_bwd"): (SHIFT, 1, 1.0),
     ("tpu-v5e", "batch_norm/f32/64x32x32x128", "fwd"): (SHIFT, 1, 1.0),
-    ("h100", "rms_norm/f32/8192x1024", "fwd_bwd"): (RMS_TIE, 0, 1.001),
-    ("a100", "rms_norm/f32/8192x1024", "fwd_bwd"): (RMS_TIE, 0, 1.001),
-    ("a100", "rms_norm/bf16/8192x1024", "fwd_bwd"): (RMS_TIE, 0, 1.001),
-    ("tpu-v5e", "rms_norm/f32/8192x1024", "fwd_bwd"): (RMS_TIE, 0, 1.002),
-    ("tpu-v5e", "rms_norm/bf16/8192x1024", "fwd_bwd"): (RMS_TIE, 0, 1.002),
+    ("tpu-v5e", "batch_norm/f32/64x32x32x128", "train"): (SHIFT, 1, 1.0),
+    ("h100", "layer_norm/f32/8192x1024", "train"): (LN_TIE, 0, 1.001),
+    ("a100", "layer_norm/f32/8192x1024", "train"): (LN_TIE, 0, 1.001),
+    ("tpu-v5e", "layer_norm/f32/8192x1024", "train"): (TPU_LN, 2, 1.0),
+    ("tpu-v5e", "layer_norm/bf16/8192x1024", "train"): (TPU_LN, 2, 1.0),
+    ("tpu-v5e", "rms_norm/bf16/8192x1024", "train"): (RMS_TIE, 0, 1.002),
     ("a100", "layer_norm/f32/8192x1024", "fwd"): (A100_LN, 2, 1.34),
     ("a100", "layer_norm/bf16/8192x1024", "fwd"): (A100_LN, 2, 1.34),
 }
@@ -123,7 +135,7 @@ def _goal_cases():
           "batch_norm/f32/64x32x32x128",
           "group_norm/f32/64x32x32x128",
       )
-      for mode in ("fwd", "fwd_bwd")
+      for mode in bench_targets.MODES
   ]
 
 
@@ -170,9 +182,9 @@ def test_control_the_checks_catch_a_barrier(programs, target):
   # The same layer norm with the CPU's barriers lowered on every platform.
   control = programs["control"][target]
   assert not control["goals"]["fwd"]["kernels"]
-  assert not control["goals"]["fwd_bwd"]["kernels"]
-  normal = programs["cases"][f"{target}:layer_norm/f32/8192x1024"]["results"]["jaxnorm"]["fwd_bwd"]["kernels"]
-  assert control["results"]["jaxnorm"]["fwd_bwd"]["kernels"] > normal
+  assert not control["goals"]["train"]["kernels"]
+  normal = programs["cases"][f"{target}:layer_norm/f32/8192x1024"]["results"]["jaxnorm"]["train"]["kernels"]
+  assert control["results"]["jaxnorm"]["train"]["kernels"] > normal
 
 
 @pytest.mark.parametrize("target", ["h100", "a100", "tpu-v5e"])

@@ -52,7 +52,7 @@ def _record(jn, flax, exact, plain, key):
       "op": "batch_norm",
       "shape": [4, 8],
       "dtype": "float32",
-      "results": {i: {"fwd": r(*v), "fwd_bwd": r(*v)} for i, v in res.items()},
+      "results": {i: {"fwd": r(*v), "train": r(*v)} for i, v in res.items()},
   }
 
 

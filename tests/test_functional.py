@@ -827,7 +827,12 @@ def test_property_batch_norm(case):
   pshape = tuple(shape[a] for a in canon(features, len(shape)))
   s, s64 = _cast(r.normal(size=pshape), dtype) if affine else (None, None)
   b, b64 = _cast(r.normal(size=pshape), dtype) if affine else (None, None)
-  y, mean, var = jax.jit(lambda x, s, b: jaxnorm.batch_norm(x, s, b, feature_axes=features, epsilon=1e-3))(x, s, b)
+  op = jax.jit(lambda x, s, b: jaxnorm.batch_norm(x, s, b, feature_axes=features, epsilon=1e-3))
+  if np.prod(shape) == np.prod(pshape):  # one value per feature: an error, as in PyTorch
+    with pytest.raises(ValueError, match="single value per feature"):
+      op(x, s, b)
+    return
+  y, mean, var = op(x, s, b)
   ref_y, ref_mean, ref_var = np_batch_norm(x64, s64, b64, features, 1e-3)
   assert y.dtype == dtype and y.shape == shape
   stat_dtype = jnp.promote_types(dtype, jnp.float32)

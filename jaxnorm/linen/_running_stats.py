@@ -223,8 +223,9 @@ class RunningStatistics:
     Returns the number of valid values per statistic, summed over devices,
     when the update needs it: with a mask (an array shaped like the
     statistics: a feature without any valid value keeps its running
-    statistics), and under ``convention="torch"`` (a Python int without a
-    mask). Returns None when it is not needed.
+    statistics), under ``convention="torch"`` (a Python int without a
+    mask), and for an empty batch (0: the running statistics stay). Returns
+    None when it is not needed.
 
     Raises:
       ValueError: in training outside `init`, when every feature has a single
@@ -238,15 +239,12 @@ class RunningStatistics:
       return None
     devices = self._devices()
     static = math.prod(shape[a] for a in reduced_axes) * devices
-    # Without a reduced axis the op itself raises, naming `feature_axes`.
-    if mask is None and static == 1 and reduced_axes:
-      raise ValueError(
-          f"{self._name()} is in training mode but gets a single value per feature "
-          f"(input of shape {tuple(shape)}, statistics over axes {tuple(reduced_axes)}): the batch variance is 0, "
-          "every output would equal the bias and no gradient would flow. Train with more than one value "
-          "per feature, or use `use_running_average=True` (inference) for a single example."
+    # Without a reduced axis and without `axis_name` the op itself raises, naming `feature_axes`.
+    if mask is None and (reduced_axes or self.module.axis_name is not None):
+      _validation.more_than_one_value(
+          tuple(shape), tuple(reduced_axes), self.module.axis_name, self.module.axis_index_groups, self._name()
       )
-    if not self.tracking or (mask is None and self.convention != "torch"):
+    if not self.tracking or (mask is None and static and self.convention != "torch"):
       return None
     if mask is None:
       return static
@@ -272,6 +270,8 @@ class RunningStatistics:
     """
     if not self.tracking or self.module.is_initializing():
       return
+    if isinstance(count, int) and count == 0:
+      return  # an empty batch says nothing about the data
     if not self.module.is_mutable_collection("batch_stats"):
       raise ImmutableBatchStatsError(
           f"{self._name()} is in training mode (use_running_average=False) and updates its running statistics, "
