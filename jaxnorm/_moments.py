@@ -334,13 +334,16 @@ def _one_pass(x, count, axes, dtype, channel_groups) -> Moments:
 
   Range. A deviation from :math:`K` is at most twice the largest deviation
   :math:`D` from the mean (:math:`|x - K| \le |x - \mu| + |\mu - K|`), so
-  its square could overflow where the two-pass formula's does not. The sums
-  are therefore taken of :math:`h = d / 2` (exact: a power of two), and
-  :math:`\sigma^2 = 4\,(\overline{h^2} - \bar h^{\,2})`:
-  :math:`h^2 \le D^2`, and no intermediate exceeds the variance's own
-  magnitude, so the range is the two-pass formula's, :math:`n D^2` below the
-  dtype's largest value (``sqrt(max / n)`` for `D`; the README's range). Beyond
-  it the variance is ``inf``, as on the CPU, not ``inf - inf``.
+  its square could overflow where the two-pass formula's does not. The
+  squares are therefore taken of :math:`h = d / 2` (exact: a power of two),
+  and :math:`\sigma^2 = 4\,(a - b)(a + b)` with :math:`a = (\overline{h^2})^{1/2}`
+  and :math:`b = |\bar h|`: :math:`h^2 \le D^2`, and no intermediate
+  exceeds the variance's own magnitude (the square of the mean, which XLA
+  rewrites as the square of a sum times a constant, is never formed), so the
+  range is the two-pass formula's, :math:`n D^2` below the dtype's largest
+  value (``sqrt(max / n)`` for `D`; the README's range). Beyond it
+  :math:`a = \infty` and the variance is ``inf``, as on the CPU, not
+  ``inf - inf``.
 
   The mean is kept as ``shift = K`` plus ``offset`` :math:`= 2 \bar h`, as in
   `_two_pass`; the kernel's backward re-centres it (`recentred`).
@@ -349,16 +352,16 @@ def _one_pass(x, count, axes, dtype, channel_groups) -> Moments:
   if channel_groups is not None:
     size = x.shape[-1] // channel_groups
     k = jnp.repeat(k[..., ::size], size, axis=-1)
-  h = (x.astype(dtype) - k) * 0.5
+  d = x.astype(dtype) - k
   inv_count = 1 / jnp.maximum(count, 1)
-  h_mean = group_sum(h, axes, channel_groups) * inv_count
-  h_square = group_sum(jnp.square(h), axes, channel_groups) * inv_count
-  # Beyond the range the mean square is inf; so may be the square of the
-  # mean, and inf - inf would be NaN: the variance is inf there (non-finite
-  # input, where the mean is not finite either, stays NaN).
-  quarter_var = jnp.where(
-      jnp.isinf(h_square) & jnp.isfinite(h_mean), h_square, jnp.maximum(h_square - jnp.square(h_mean), 0)
-  )
+  h_mean = group_sum(d, axes, channel_groups) * (0.5 * inv_count)
+  h_square = group_sum(jnp.square(d * 0.5), axes, channel_groups) * inv_count
+  # mean(h^2) - mean(h)^2 as a difference of squares, (a - b)(a + b): no
+  # square of the mean is formed, which XLA would rewrite as the square of
+  # the sum times a constant and overflow. Beyond the range a = inf and the
+  # variance is inf (not inf - inf); a non-finite input gives NaN.
+  a, b = jnp.sqrt(h_square), jnp.abs(h_mean)
+  quarter_var = jnp.maximum((a - b) * (a + b), 0)
   return Moments(count, k, 2 * h_mean, 4 * quarter_var)
 
 
