@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.experimental import jet
 
 from jaxnorm import _platform, _validation
 
@@ -482,14 +483,17 @@ def moments(
       axis_index_groups=_validation.axis_index_groups(axis_index_groups),
       dtype=acc,
       keepdims=keepdims,
+      # Taylor series (`jax.experimental.jet`) have no rule for the per-platform
+      # choice (a `cond`): under jet the same statistics without it.
+      portable=isinstance(x, jet.JetTracer),
   )
 
 
 # One program, also when called eagerly: its outputs are the statistics alone,
 # so NaN padding in `x` is never the output of an eager operation (which
 # `jax_debug_nans` would flag), and the call dispatches once.
-@functools.partial(jax.jit, static_argnames=("axes", "axis_name", "axis_index_groups", "dtype", "keepdims"))
-def _moments_program(x, mask, *, axes, axis_name, axis_index_groups, dtype, keepdims):
+@functools.partial(jax.jit, static_argnames=("axes", "axis_name", "axis_index_groups", "dtype", "keepdims", "portable"))
+def _moments_program(x, mask, *, axes, axis_name, axis_index_groups, dtype, keepdims, portable):
   if jnp.issubdtype(dtype, jnp.complexfloating):
     xa = masked_zero(x.astype(dtype), None if mask is None else mask | jnp.isfinite(x))
     stats = complex_compute(
@@ -497,7 +501,8 @@ def _moments_program(x, mask, *, axes, axis_name, axis_index_groups, dtype, keep
     )
   else:
     stats = compute(
-        x.astype(dtype), axes, mask, centered=True, axis_name=axis_name, axis_index_groups=axis_index_groups
+        x.astype(dtype), axes, mask, centered=True, axis_name=axis_name, axis_index_groups=axis_index_groups,
+        portable=portable,
     )
   mean, var = stats.mean, stats.var
   if not keepdims:

@@ -382,7 +382,10 @@ def apply(
       for name, p in (("scale", scale), ("bias", bias))
   ]
   scale_offset = _validation.scale_offset(scale_offset, scale)
-  out_dtype = _validation.output_dtype(dtype, x.dtype)
+  # Complex parameters make a complex output, also for a real `x` (as flax's
+  # modules give): the default is then the complex counterpart of x's dtype.
+  complex_params = [p.dtype for p in params if p is not None and jnp.issubdtype(p.dtype, jnp.complexfloating)]
+  out_dtype = _validation.output_dtype(dtype, _validation.promoted_dtype(x, *complex_params))
   acc_dtype = _validation.accumulation_dtype(x.dtype, out_dtype, *(p.dtype for p in params if p is not None))
   spec = Spec(
       axes=axes,

@@ -124,6 +124,8 @@ def canonical_axes(axes: Axes, ndim: int, name: str) -> tuple[int, ...]:
   out = []
   for a in seq:
     try:
+      if isinstance(a, (bool, np.bool_)):
+        raise TypeError  # an index, but not an axis (NumPy refuses it too)
       a = operator.index(a)
     except TypeError:
       raise TypeError(f"`{name}` must be an int or a tuple of ints, got {axes!r}.") from None
@@ -237,7 +239,7 @@ def integer(value: Any, name: str) -> int:
 
 
 def positive_epsilon(epsilon: Any, dtype: Any = None, name: str = "epsilon") -> float:
-  """`epsilon` as a Python float; raises unless it is a real number that stays > 0 in `dtype`.
+  """`epsilon` as a Python float; raises unless it is a real number that stays > 0 and finite in `dtype`.
 
   `dtype` is the dtype `epsilon` is added in (the accumulation dtype; float32,
   the narrowest accumulation dtype, when None). A value below that dtype's
@@ -256,7 +258,12 @@ def positive_epsilon(epsilon: Any, dtype: Any = None, name: str = "epsilon") -> 
   if not 0 < value < float("inf"):
     raise ValueError(f"`{name}` must be > 0 and finite, got {epsilon!r}.")
   dtype = np.dtype(jnp.float32 if dtype is None else dtype)
-  tiny = float(jnp.finfo(dtype).tiny)
+  tiny, largest = float(jnp.finfo(dtype).tiny), float(jnp.finfo(dtype).max)
+  if value > largest:
+    raise ValueError(
+        f"`{name}`={epsilon!r} is inf in {dtype} (above {largest:.8g}): every output would be the bias. "
+        f"`{name}` is added to the variance and should be small (e.g. 1e-5)."
+    )
   if value < tiny:
     raise ValueError(
         f"`{name}`={epsilon!r} is below the smallest normal {dtype} number and is flushed to 0 in {dtype} "
@@ -421,11 +428,12 @@ def _example_shape(shape: tuple[int, ...], feature_axes: tuple[int, ...]) -> tup
   return tuple(d if i == 0 or i in feature_axes else 1 for i, d in enumerate(shape))
 
 
-def boolean_mask(mask: Any, name: str = "mask") -> jax.Array | None:
+def boolean_mask(mask: Any, name: str = "mask", shape: tuple[int, ...] | None = None) -> jax.Array | None:
   """`mask` as a JAX array (None stays None); raises `TypeError`, naming `name`, unless it is boolean.
 
-  Modules take ``mask=`` and hand it to an op's ``where=``; checking it here
-  names the argument the caller actually passed.
+  With `shape`, also a `ValueError` unless it broadcasts to `shape` (the
+  mask keeps its own shape). Modules take ``mask=`` and hand it to an op's
+  ``where=``; checking it here names the argument the caller actually passed.
 
   Example:
     >>> import numpy as np
@@ -444,6 +452,8 @@ def boolean_mask(mask: Any, name: str = "mask") -> jax.Array | None:
         f"`{name}` must be a boolean array (True = valid), got dtype {mask.dtype}; for a 0/1 mask use "
         f"`{name}.astype(bool)`, for an additive mask (0 and -inf) use `{name} == 0`."
     )
+  if shape is not None:
+    broadcast_mask(mask, shape, name)
   return mask
 
 

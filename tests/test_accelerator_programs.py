@@ -30,6 +30,9 @@ import pytest
 
 from jaxnorm.cli import bench_targets
 
+# One worker compiles (minutes of it); the others would wait on its lock file.
+pytestmark = pytest.mark.xdist_group("accelerator_programs")
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 PLUGINS = ("jax_plugins.xla_cuda12", "libtpu")
 
@@ -84,8 +87,8 @@ def programs(tmp_path_factory, worker_id):
   missing = [p for p in PLUGINS if importlib.util.find_spec(p) is None]
   if missing:
     if os.environ.get("CI"):
-      pytest.fail(f"the test extra installs the compiler plugins, but {missing} are missing")
-    pytest.skip(f"compiler plugins not installed ({missing}): pip install '.[test]'")
+      pytest.fail(f"CI installs the compilers extra, but {missing} are missing")
+    pytest.skip(f"XLA's GPU/TPU compilers not installed ({missing}): pip install '.[compilers]'")
   # Under pytest-xdist this module's tests are spread over the workers: the
   # first one to get here compiles, the others wait for its file (the folder
   # above a worker's temporary folder is the session's, shared by all).

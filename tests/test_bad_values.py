@@ -313,3 +313,21 @@ def test_valid_torch_state_still_converts():
   model[1].num_batches_tracked += 7
   variables = interop.variables_from_torch(model, {"0": "conv", "1": "bn", "2": "gn"})
   assert int(variables["batch_stats"]["bn"]["num_batches_tracked"]) == 7
+
+
+@pytest.mark.parametrize(
+    "key, bad, match",
+    [("num_batches_tracked", np.float32(np.nan), "'num_batches_tracked' must be a non-negative integer count"),
+     ("num_batches_tracked", np.float32(2.7), "'num_batches_tracked' must be a non-negative integer count"),
+     ("mean", np.array([0.0, np.nan, 0.0], np.float32), "'mean' holds NaN"),
+     ("var", np.array([1.0, -1.0, 1.0], np.float32), "'var' holds negative")],
+)
+def test_bad_running_statistics_are_named_on_the_way_out_to_torch(key, bad, match):
+  torch = pytest.importorskip("torch")
+  from jaxnorm import interop
+
+  stats = {"mean": np.zeros(3, np.float32), "var": np.ones(3, np.float32), "num_batches_tracked": np.int32(4)}
+  stats[key] = bad
+  variables = {"params": {"scale": np.ones(3, np.float32), "bias": np.zeros(3, np.float32)}, "batch_stats": stats}
+  with pytest.raises(ValueError, match=match):
+    interop.torch_state_dict(variables, torch.nn.BatchNorm1d(3))

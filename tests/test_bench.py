@@ -227,3 +227,29 @@ def test_default_output_goes_into_a_folder(tmp_path):
   assert sorted(p.name for p in tmp_path.iterdir()) == ["jaxnorm-out"]
   assert (tmp_path / "jaxnorm-out" / "bench.json").is_file()
   assert "wrote jaxnorm-out/bench.json" in proc.stdout
+
+
+@pytest.mark.parametrize("out", ["/proc/jaxnorm-bench.json", "/proc/nope/bench"])
+def test_an_unwritable_output_fails_at_once_in_one_line(out, capsys, monkeypatch):
+  from jaxnorm.cli import bench as bench_module
+
+  ran = []
+  monkeypatch.setattr(bench_module, "run", lambda **k: ran.append(k))
+  assert cli.main(["bench", "--quick", "--out", out]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("jaxnorm bench: error: cannot write") and not ran
+
+
+def test_without_matplotlib_the_report_is_written_and_the_plot_skipped(tmp_path, capsys, monkeypatch):
+  import importlib.util
+
+  from jaxnorm.cli import bench as bench_module
+
+  real = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+  plotted = []
+  monkeypatch.setattr(bench_module, "plot", lambda *a: plotted.append(a))
+  out = tmp_path / "b.json"
+  assert cli.main(["bench", "--quick", "--cases", "rms_norm/f32", "--repeats", "1", "--out", str(out)]) == 0
+  assert out.exists() and not plotted
+  assert "pip install 'jaxnorm[bench]'" in capsys.readouterr().err

@@ -66,3 +66,19 @@ def test_goals_read_the_issue_bounds():
   assert bench_targets.goals(tpu, "tpu-v5e")["fwd"]["cycles"]
   tpu = _record((3, 1.3), (3, 1.0), (5, 1.5), (5, 1.4), "mcycles")
   assert not bench_targets.goals(tpu, "tpu-v5e")["fwd"]["cycles"]
+
+
+def test_no_plugin_package_at_all_names_what_to_install(monkeypatch, capsys):
+  # Without any JAX plugin installed, `jax_plugins` itself is missing: find_spec of its submodule raises.
+  real = importlib.util.find_spec
+
+  def find_spec(name, *a):
+    if name.startswith("jax_plugins"):
+      raise ModuleNotFoundError("No module named 'jax_plugins'")
+    return real(name, *a)
+
+  monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+  with pytest.raises(RuntimeError, match="jax-cuda12-plugin"):
+    bench_targets.require("h100")
+  assert cli.main(["bench", "--target", "h100", "--quick", "--out", "unused.json"]) == 2
+  assert "jax-cuda12-plugin" in capsys.readouterr().err

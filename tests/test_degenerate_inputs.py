@@ -135,3 +135,36 @@ def test_a_masked_single_value_and_init_are_not_checked():
   np.testing.assert_allclose(y, 5.0)
   # Models are often initialized with one dummy example.
   jnn.BatchNorm(use_running_average=False).init(jax.random.key(0), jnp.ones((1, 3)))
+
+
+def test_complex_parameters_with_a_real_input_give_a_complex_output():
+  """As flax's modules and jaxnorm's own: the imaginary part is kept, not cast away."""
+  x = np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32)
+  scale = np.full(4, 1 + 2j, np.complex64)
+  y = jaxnorm.layer_norm(x, scale)
+  assert y.dtype == jnp.complex64
+  x64 = x.astype(np.float64)
+  ref = (x64 - x64.mean(1, keepdims=True)) / np.sqrt(x64.var(1, keepdims=True) + 1e-6) * (1 + 2j)
+  np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+  assert jaxnorm.layer_norm(x, scale, dtype=jnp.complex64).dtype == jnp.complex64
+  module = jnn.LayerNorm().apply({"params": {"scale": scale, "bias": np.zeros(4, np.float32)}}, x)
+  np.testing.assert_allclose(module, y, rtol=1e-6)
+
+
+BAD_ARGUMENTS = {
+    "axis=True": (lambda: jaxnorm.layer_norm(np.ones((2, 3), np.float32), axis=True), TypeError, "`axis`"),
+    "feature_axes=(False,)": (lambda: jaxnorm.batch_norm(np.ones((2, 3), np.float32), feature_axes=(False,)), TypeError, "`feature_axes`"),
+    "epsilon=1e39": (lambda: jaxnorm.layer_norm(np.ones((2, 3), np.float32), epsilon=1e39), ValueError, "inf in float32"),
+    "linen epsilon=0": (lambda: jnn.LayerNorm(epsilon=0.0).init(jax.random.key(0), jnp.ones((2, 3))), ValueError, "`epsilon`"),
+    "linen mask shape": (
+        lambda: jnn.LayerNorm().init(jax.random.key(0), jnp.ones((2, 4)), mask=jnp.ones(8, bool)), ValueError, "`mask` of shape"),
+    "nnx mask shape": (lambda: jnnx.GroupNorm(4, num_groups=2, rngs=nnx.Rngs(0))(
+        jnp.ones((2, 3, 4)), mask=jnp.ones((5, 1, 1), bool)), ValueError, "`mask` of shape"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_ARGUMENTS))
+def test_bad_arguments_name_what_the_caller_passed(name):
+  f, error, match = BAD_ARGUMENTS[name]
+  with pytest.raises(error, match=match):
+    f()

@@ -1,5 +1,6 @@
 """Taylor-mode forward differentiation (`jax.experimental.jet`) through the plain-autodiff path
-(``custom_vjp=False``): the first two coefficients match nested `jax.jvp`, and finite differences."""
+(``custom_vjp=False``) and through `moments`: the first two coefficients match nested `jax.jvp`, and
+finite differences."""
 
 from __future__ import annotations
 
@@ -23,6 +24,9 @@ OPS = {
     "rms_norm": (X2, lambda x: jaxnorm.rms_norm(x, custom_vjp=False)),
     "batch_norm": (X2, lambda x: jaxnorm.batch_norm(x, custom_vjp=False)[0]),
     "group_norm": (IMG, lambda x: jaxnorm.group_norm(x, num_groups=2, custom_vjp=False)),
+    # moments has no custom VJP: under jet it leaves out its per-platform choice by itself.
+    "moments": (X2, lambda x: jaxnorm.moments(x, 1)[1]),
+    "moments_masked": (X2, lambda x: jaxnorm.moments(x, 1, where=MASK2)[1]),
 }
 
 

@@ -15,6 +15,7 @@ each handler imports its program when it runs.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -24,10 +25,15 @@ DEFAULT_COMMAND = "tour"
 DEFAULT_OUT = "jaxnorm-out"
 
 
+class OutputError(Exception):
+  """The place a command would write to cannot be written: found before the command runs, said in one line."""
+
+
 def output_path(out: str, default_name: str, suffix: str) -> str:
   """The file a command writes: `out` itself when it ends with `suffix`, else `default_name` in the folder `out`.
 
-  The folder is created if missing, so that a run never fails at its end.
+  The folder is created if missing, and the file is checked writable, so
+  that a run never fails at its end; an `OutputError` says why not.
 
   Example:
     >>> import tempfile, os
@@ -38,7 +44,15 @@ def output_path(out: str, default_name: str, suffix: str) -> str:
     True
   """
   path = out if out.lower().endswith(suffix) else os.path.join(out, default_name)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  existed = os.path.exists(path)
+  try:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a"):
+      pass
+  except OSError as e:
+    raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
+  if not existed:
+    os.remove(path)
   return path
 
 
@@ -137,17 +151,24 @@ def _add_bench(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def _run_bench(args: argparse.Namespace) -> int:
   from jaxnorm.cli import bench  # noqa: PLC0415  (imported here so that `jaxnorm --help` stays fast)
 
-  # Created before minutes of measuring, so that writing cannot fail at the end.
+  # Checked before minutes of measuring, so that writing cannot fail at the end.
   args.out = output_path(args.out, "bench.json" if args.target is None else f"bench-{args.target}.json", ".json")
   if args.target is not None:
     return _run_bench_target(args)
   plot = args.plot
   if plot is None:
-    plot = os.path.splitext(args.out)[0] + ".png"
+    plot = output_path(os.path.splitext(args.out)[0] + ".png", "bench.png", ".png")
   elif plot.lower() == "none":
     plot = None
   else:
     plot = output_path(plot, "bench.png", ".png")
+  if plot is not None and importlib.util.find_spec("matplotlib") is None:
+    print(
+        "jaxnorm bench: matplotlib is not installed, so no plot is drawn (pip install 'jaxnorm[bench]' "
+        "brings it); the table and the JSON report are written as usual.",
+        file=sys.stderr,
+    )
+    plot = None
   try:
     report = bench.run(
         quick=args.quick, patterns=args.cases, repeats=args.repeats, warmup=args.warmup, seed=args.seed
@@ -346,6 +367,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   except KeyboardInterrupt:
     print(f"\njaxnorm {args.command}: interrupted", file=sys.stderr, flush=True)
     return 130
+  except OutputError as e:
+    print(f"jaxnorm {args.command}: error: {e}", file=sys.stderr, flush=True)
+    return 2
 
 
 if __name__ == "__main__":

@@ -86,16 +86,24 @@ def is_tpu(target: str) -> bool:
   return target.startswith("tpu")
 
 
+def _missing(module: str) -> bool:
+  """Whether `module` cannot be imported; a missing parent package (``jax_plugins``) counts as missing."""
+  try:
+    return importlib.util.find_spec(module) is None
+  except ModuleNotFoundError:
+    return True
+
+
 def require(target: str) -> None:
   """Raises a clear error naming the packages to install when `target`'s compiler plugin is missing."""
   if target not in TARGETS:
     raise ValueError(f"--target {target!r} is not one of {', '.join(TARGETS)}.")
   version = jax.__version__
   if is_tpu(target):
-    missing = importlib.util.find_spec("libtpu") is None
+    missing = _missing("libtpu")
     install = f'pip install "jax[tpu]=={version}"'
   else:
-    missing = importlib.util.find_spec("jax_plugins.xla_cuda12") is None
+    missing = _missing("jax_plugins.xla_cuda12")
     install = f'pip install "jax-cuda12-plugin=={version}" "jax-cuda12-pjrt=={version}"'
   if missing:
     raise RuntimeError(

@@ -415,7 +415,6 @@ def _check_state(module: Any, kind: str) -> None:
   counter would only fail later, far from its cause, or silently corrupt the
   running statistics.
   """
-  torch = _torch()
   expected = _expected_shapes(module, kind)
   for key, tensor in module.state_dict().items():
     if key in expected and tuple(tensor.shape) != expected[key]:
@@ -425,20 +424,31 @@ def _check_state(module: Any, kind: str) -> None:
       )
   if kind != "batch_norm" or not module.track_running_stats:
     return
-  for key in ("running_mean", "running_var"):
-    value = getattr(module, key).detach()
-    if not bool(torch.isfinite(value).all()):
-      raise ValueError(f"{type(module).__name__} state {key!r} holds NaN or inf: {value.tolist()}.")
-  if bool((module.running_var.detach() < 0).any()):
-    raise ValueError(f"{type(module).__name__} state 'running_var' holds negative values: "
-                     f"{module.running_var.detach().tolist()}.")
   steps = module.num_batches_tracked
+  _check_running_statistics(
+      type(module).__name__ + " state",
+      {"running_mean": module.running_mean.detach().double().numpy(), "running_var": module.running_var.detach().double().numpy()},
+      None if steps is None else steps.detach().double().item(),
+      np.iinfo(np.int32).max,
+  )
+
+
+def _check_running_statistics(owner: str, stats: Mapping[str, np.ndarray], steps: Any, max_steps: int) -> None:
+  """Raises `ValueError` unless the running mean and variance are finite (the variance >= 0) and `steps`
+  (None, or the number of batches tracked) is a non-negative integer up to `max_steps`: checked both ways,
+  torch into JAX (int32) and JAX into torch (int64)."""
+  for key, value in stats.items():
+    value = np.asarray(value, np.float64)
+    if not np.isfinite(value).all():
+      raise ValueError(f"{owner} {key!r} holds NaN or inf: {value.tolist()}.")
+    if key.endswith("var") and (value < 0).any():
+      raise ValueError(f"{owner} {key!r} holds negative values: {value.tolist()}.")
   if steps is not None:
-    value = steps.detach().double().item()
-    if not (np.isfinite(value) and value >= 0 and value == int(value) and value <= np.iinfo(np.int32).max):
+    value = float(np.asarray(steps, np.float64))
+    if not (np.isfinite(value) and value >= 0 and value == int(value) and value <= max_steps):
       raise ValueError(
-          f"{type(module).__name__} state 'num_batches_tracked' must be a non-negative integer count that fits "
-          f"in int32, got {steps.item()!r}."
+          f"{owner} 'num_batches_tracked' must be a non-negative integer count that fits in "
+          f"{'int32' if max_steps == np.iinfo(np.int32).max else 'int64'}, got {np.asarray(steps).item()!r}."
       )
 
 
@@ -612,9 +622,11 @@ def _module_state(module: Any, src: _Source) -> dict[str, Any]:
     if "bias" in state:
       put("bias", src.get("params", "bias"))
     if kind == "batch_norm" and module.track_running_stats:
-      put("running_mean", src.get("batch_stats", "mean"))
-      put("running_var", src.get("batch_stats", "var"))
+      mean, var = src.get("batch_stats", "mean"), src.get("batch_stats", "var")
       steps = src.get("batch_stats", "num_batches_tracked", required=False)
+      _check_running_statistics(f"{src.label}: batch_stats", {"mean": mean, "var": var}, steps, np.iinfo(np.int64).max)
+      put("running_mean", mean)
+      put("running_var", var)
       if steps is not None:  # absent under convention="flax": torch's counter is kept
         put("num_batches_tracked", steps)
     return new

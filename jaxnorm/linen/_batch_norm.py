@@ -165,7 +165,7 @@ class BatchNorm(nn.Module):
         beta,
         feature_axes=feature_axes,
         epsilon=self.epsilon,
-        where=_validation.boolean_mask(mask, "mask"),
+        where=_validation.boolean_mask(mask, "mask", x.shape),
         # At init the mapped axis need not exist yet, as in flax.
         axis_name=None if self.is_initializing() else self.axis_name,
         axis_index_groups=self.axis_index_groups,

@@ -60,6 +60,6 @@ class FilterResponseNorm(nn.Module):
         bias,
         tau,
         epsilon=self.epsilon,
-        where=_validation.boolean_mask(mask, "mask"),
+        where=_validation.boolean_mask(mask, "mask", x.shape),
         dtype=output_dtype(x, scale, bias, tau, dtype=self.dtype),
     )

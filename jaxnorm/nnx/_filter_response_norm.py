@@ -78,6 +78,6 @@ class FilterResponseNorm(nnx.Module):
         bias,
         tau,
         epsilon=self.epsilon,
-        where=_validation.boolean_mask(mask, "mask"),
+        where=_validation.boolean_mask(mask, "mask", x.shape),
         dtype=_affine.output_dtype(x, scale, bias, tau, dtype=self.dtype),
     )

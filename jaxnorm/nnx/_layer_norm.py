@@ -34,7 +34,7 @@ def per_example(
       param_explain="the shape of x along feature_axes",
       centered=centered,
       epsilon=module.epsilon,
-      where=_validation.boolean_mask(mask, "mask"),
+      where=_validation.boolean_mask(mask, "mask", x.shape),
       axis_name=module.axis_name,
       axis_index_groups=module.axis_index_groups,
       scale_offset=scale_offset,

@@ -184,7 +184,7 @@ class BatchStatistics(TrainEvalSwitch, nnx.Module):
     """`__call__`, with a call-time ``(scale, shift)`` modulation (see `jaxnorm._modulation`) or ``(None, None)``."""
     use_running_average = self._resolve_use_running_average(use_running_average)
     x = _validation.floating_input(x, allow_complex=True)
-    mask = _validation.boolean_mask(mask, "mask")
+    mask = _validation.boolean_mask(mask, "mask", x.shape)
     axes = _validation.canonical_axes(self.axis, x.ndim, "axis")
     shape = _affine.feature_shape(x, axes, self.num_features, "axis")
     # flax.nnx's promotion: the input, the statistics, the parameters and the modulation together.
