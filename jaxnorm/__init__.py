@@ -11,13 +11,11 @@ this file before the command line's, and must answer without loading JAX
 `jaxnorm.layer_norm` work as with eager imports.
 """
 
-from __future__ import annotations
+import importlib as _importlib
+import importlib.util as _importlib_util
+import typing as _typing
 
-import importlib
-import importlib.util
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # the eager imports, for type checkers and IDEs
+if _typing.TYPE_CHECKING:  # the eager imports, for type checkers and IDEs
   from jaxnorm._batch_norm import batch_norm
   from jaxnorm._batch_renorm import batch_renorm, batch_renorm_schedule
   from jaxnorm._dyt import dyt
@@ -33,7 +31,6 @@ if TYPE_CHECKING:  # the eager imports, for type checkers and IDEs
   from jaxnorm._weight_norm import weight_norm
 
 __version__ = "0.1.0"
-
 
 
 # Public name -> the private module that defines it.
@@ -60,16 +57,21 @@ __all__ = list(_SOURCES)
 
 def __getattr__(name: str):
   if name in _SOURCES:
-    value = getattr(importlib.import_module(f"jaxnorm.{_SOURCES[name]}"), name)
+    value = getattr(_importlib.import_module(f"jaxnorm.{_SOURCES[name]}"), name)
     globals()[name] = value  # later look-ups skip this function
     return value
   # Submodules: the Flax layers, the analysis tools and the CLI are users of
   # this package, never a part of its import; private modules (`jaxnorm._moments`)
   # stay reachable as attributes, as they were with eager imports.
-  if not name.startswith("__") and importlib.util.find_spec(f"jaxnorm.{name}") is not None:
-    return importlib.import_module(f"jaxnorm.{name}")
+  if not name.startswith("__") and _importlib_util.find_spec(f"jaxnorm.{name}") is not None:
+    return _importlib.import_module(f"jaxnorm.{name}")
   raise AttributeError(f"module 'jaxnorm' has no attribute {name!r}")
 
 
+# The subpackages users import: Flax modules, analysis tools, interop, the command line.
+_SUBPACKAGES = ("analysis", "cli", "interop", "linen", "nnx")
+
+
 def __dir__() -> list[str]:
-  return sorted(set(globals()) | set(__all__))
+  """The public names: the functional API, the subpackages and the version (no private helpers)."""
+  return sorted({*__all__, *_SUBPACKAGES, "__version__"})

@@ -22,7 +22,6 @@ def batch_norm(
     axis_index_groups: Any = None,
     dtype: Any = None,
     custom_vjp: bool = True,
-    _no_batch_axis_ok: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   r"""Batch normalization with batch statistics (Ioffe & Szegedy, 2015).
 
@@ -59,9 +58,6 @@ def batch_norm(
     custom_vjp: if False, differentiate the same forward by plain autodiff
       (needed for forward mode: `jax.jvp`, `jax.jacfwd`; reverse-over-reverse
       and `jax.hessian` work through the custom VJP).
-    _no_batch_axis_ok: private, for the modules' `init`, which drops
-      `axis_name` as flax does: no reduced axis is then allowed (each value
-      is its own batch, and the output is the bias).
 
   Degenerate batches, the one rule of this op and the `BatchNorm` modules
   (linen and nnx) in training: a single value per feature (e.g. one example
@@ -84,6 +80,43 @@ def batch_norm(
     >>> y.shape, mean.shape
     ((32, 8), (8,))
   """
+  return with_statistics(
+      x,
+      scale,
+      bias,
+      feature_axes=feature_axes,
+      axis=axis,
+      epsilon=epsilon,
+      where=where,
+      axis_name=axis_name,
+      axis_index_groups=axis_index_groups,
+      dtype=dtype,
+      custom_vjp=custom_vjp,
+  )
+
+
+def with_statistics(
+    x: Any,
+    scale: Any,
+    bias: Any,
+    *,
+    feature_axes: Any,
+    axis: Any,
+    epsilon: Any,
+    where: Any,
+    axis_name: Any,
+    axis_index_groups: Any,
+    dtype: Any,
+    custom_vjp: bool,
+    initializing: bool = False,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`batch_norm`, and what the linen modules' `init` needs besides: `initializing`.
+
+  A module's `init` drops `axis_name`, as flax does, so a per-example input
+  under `vmap` then has no reduced axis (each value is its own batch, and
+  the output is the bias), and models are often initialized with a single
+  example: with `initializing`, neither is an error.
+  """
   x = _validation.floating_input(x, allow_complex=True)
   feature_axes = _validation.feature_axes_or_axis(feature_axes, axis)
   features = _validation.canonical_axes(feature_axes, x.ndim, "feature_axes" if axis is None else "axis")
@@ -91,13 +124,13 @@ def batch_norm(
   # With `axis_name` the batch may be the mapped axis alone (a per-example
   # model under vmap, or one example per device): the statistics are then
   # taken over the devices only. Without it there is nothing to average.
-  if not reduced and axis_name is None and not _no_batch_axis_ok:
+  if not reduced and axis_name is None and not initializing:
     raise ValueError(
         f"`feature_axes`={feature_axes!r} covers every axis of an input of rank {x.ndim}: "
         "batch_norm needs at least one axis (the batch) to take statistics over, or an `axis_name` "
         "(e.g. of `jax.vmap(..., axis_name=...)` over the examples) to take them over the mapped axis."
     )
-  if where is None and not _no_batch_axis_ok:
+  if where is None and not initializing:
     _validation.more_than_one_value(x.shape, reduced, axis_name, axis_index_groups, "batch_norm")
   return _standardize.apply(
       x,

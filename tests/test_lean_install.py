@@ -50,10 +50,16 @@ def test_runtime_dependencies_are_the_lean_list():
   names = sorted(d.split(">")[0].split("=")[0].split("<")[0].strip() for d in project["dependencies"])
   assert names == ["flax", "jax", "jaxlib", "numpy"]
   extras = project["optional-dependencies"]
-  assert {"tour", "notebooks", "test"} <= set(extras)
-  # The test extra covers every other extra: the suite runs the tour and the notebooks.
+  assert {"tour", "notebooks", "test", "compilers"} <= set(extras)
+  # The test extra covers every other extra (the suite runs the tour, the
+  # notebooks and the benchmarks), except the compilers: the accelerator tests
+  # skip without them, and the README's test command installs both.
   test = set(extras["test"])
   for name, deps in extras.items():
-    assert set(deps) <= test, f"extra {name!r} has {sorted(set(deps) - test)} missing from 'test'"
+    if name != "compilers":
+      assert set(deps) <= test, f"extra {name!r} has {sorted(set(deps) - test)} missing from 'test'"
+  assert not set(extras["compilers"]) & test
+  readme = (ROOT / "README.md").read_text()
+  assert 'pip install ".[test,compilers]" && python -m pytest' in readme
   assert "torch==2.13.0" in test
   assert not any(d.startswith("torch") for d in extras["notebooks"])

@@ -159,3 +159,16 @@ def test_jvp_through_a_module_names_the_module_and_the_way_out():
   layer = jnnx.LayerNorm(8, rngs=nnx.Rngs(0))
   with pytest.raises(TypeError, match=r"jaxnorm\.nnx\.LayerNorm: .*custom_vjp=False"):
     jax.jvp(layer, (x,), (x,))
+
+
+def test_public_namespace_and_signatures_hold_no_private_names():
+  import inspect
+
+  names = dir(jaxnorm)
+  assert not [n for n in names if n.startswith("_") and n != "__version__"], names
+  assert {"TYPE_CHECKING", "annotations", "importlib"}.isdisjoint(names)
+  assert {"layer_norm", "linen", "nnx", "__version__"} <= set(names)
+  for name in jaxnorm.__all__:
+    obj = getattr(jaxnorm, name)
+    params = inspect.signature(obj).parameters if callable(obj) else {}
+    assert not [p for p in params if p.startswith("_")], (name, list(params))

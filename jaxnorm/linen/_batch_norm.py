@@ -10,8 +10,7 @@ import jax.numpy as jnp
 from flax.typing import Axes, Dtype, Initializer
 from jax.nn import initializers
 
-import jaxnorm
-from jaxnorm import _modulation, _validation
+from jaxnorm import _batch_norm, _modulation, _validation
 from jaxnorm.linen._affine import affine_parameters, output_dtype
 from jaxnorm.linen._running_stats import DEFAULT_MOMENTUM, RunningStatistics, stats_dtype
 
@@ -159,20 +158,20 @@ class BatchNorm(nn.Module):
     reduced = tuple(a for a in range(x.ndim) if a not in feature_axes)
     count = running.training_count(x.shape, reduced, mask)
 
-    y, mean, var = jaxnorm.batch_norm(
+    y, mean, var = _batch_norm.with_statistics(
         x,
         gamma,
         beta,
         feature_axes=feature_axes,
+        axis=None,
         epsilon=self.epsilon,
         where=_validation.boolean_mask(mask, "mask", x.shape),
         # At init the mapped axis need not exist yet, as in flax.
         axis_name=None if self.is_initializing() else self.axis_name,
         axis_index_groups=self.axis_index_groups,
         dtype=dtype,
-        # flax's init computes without `axis_name`; a per-example (rank-1)
-        # input under vmap then has no batch axis, and that must not fail.
-        _no_batch_axis_ok=self.is_initializing(),
+        custom_vjp=True,
+        initializing=self.is_initializing(),
     )
     running.update(mean, var, count)
     return y
