@@ -475,50 +475,46 @@ def moments(
   axes = _validation.canonical_axes(axis, x.ndim, "axis")
   mask = _validation.broadcast_mask(where, x.shape)
   acc = _validation.accumulation_dtype(x.dtype)
-  return _moments_program(
+  stats = compute_program(
       x,
       mask,
       axes=axes,
+      centered=True,
       axis_name=_validation.axis_name(axis_name),
       axis_index_groups=_validation.axis_index_groups(axis_index_groups),
       dtype=acc,
-      keepdims=keepdims,
       # Taylor series (`jax.experimental.jet`) have no rule for the per-platform
       # choice (a `cond`): under jet the same statistics without it.
       portable=isinstance(x, jet.JetTracer),
   )
-
-
-# One program, also when called eagerly: its outputs are the statistics alone,
-# so NaN padding in `x` is never the output of an eager operation (which
-# `jax_debug_nans` would flag), and the call dispatches once.
-@functools.partial(jax.jit, static_argnames=("axes", "axis_name", "axis_index_groups", "dtype", "keepdims", "portable"))
-def _moments_program(x, mask, *, axes, axis_name, axis_index_groups, dtype, keepdims, portable):
-  if jnp.issubdtype(dtype, jnp.complexfloating):
-    xa = masked_zero(x.astype(dtype), None if mask is None else mask | jnp.isfinite(x))
-    stats = complex_compute(
-        xa, axes, mask, centered=True, axis_name=axis_name, axis_index_groups=axis_index_groups, dtype=dtype
-    )
-  else:
-    stats = compute(
-        x.astype(dtype), axes, mask, centered=True, axis_name=axis_name, axis_index_groups=axis_index_groups,
-        portable=portable,
-    )
   mean, var = stats.mean, stats.var
   if not keepdims:
     mean, var = jnp.squeeze(mean, axes), jnp.squeeze(var, axes)
   return mean, var
 
 
-@functools.partial(jax.jit, static_argnames=("axes", "centered", "axis_name", "axis_index_groups", "dtype"))
-def compute_program(x, mask, *, axes, centered, axis_name=None, axis_index_groups=None, dtype=None) -> Moments:
-  """`compute` as one program, eagerly too: for callers outside the kernel (batch renorm, `Standardizer`).
+@functools.partial(
+    jax.jit, static_argnames=("axes", "centered", "axis_name", "axis_index_groups", "dtype", "portable")
+)
+def compute_program(
+    x, mask, *, axes, centered, axis_name=None, axis_index_groups=None, dtype=None, portable=False
+) -> Moments:
+  """`compute` (or `complex_compute`, for a complex `dtype`) as one program, eagerly too.
 
-  Its outputs are the statistics alone, so no full-size intermediate (``x -
-  shift`` of NaN padding, say) is ever the output of an eager operation,
-  which `jax_debug_nans` would flag.
+  The program behind `moments`, batch renorm and the `Standardizer`: called
+  eagerly, the statistics are computed as one executable whose outputs are
+  the statistics alone, so that no full-size intermediate (``x - shift`` of
+  NaN padding, say) is ever the output of an eager operation, which
+  `jax_debug_nans` would flag, and the call dispatches once. `dtype`
+  defaults to `x`'s; `portable` as in `compute`.
   """
+  dtype = x.dtype if dtype is None else dtype
+  if jnp.issubdtype(dtype, jnp.complexfloating):
+    xa = masked_zero(x.astype(dtype), None if mask is None else mask | jnp.isfinite(x))
+    return complex_compute(
+        xa, axes, mask, centered=centered, axis_name=axis_name, axis_index_groups=axis_index_groups, dtype=dtype
+    )
   return compute(
-      x.astype(x.dtype if dtype is None else dtype), axes, mask, centered=centered, axis_name=axis_name,
-      axis_index_groups=axis_index_groups, dtype=dtype,
+      x.astype(dtype), axes, mask, centered=centered, axis_name=axis_name, axis_index_groups=axis_index_groups,
+      dtype=dtype, portable=portable,
   )

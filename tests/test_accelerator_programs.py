@@ -30,8 +30,6 @@ import pytest
 
 from jaxnorm.cli import bench_targets
 
-# One worker compiles (minutes of it); the others would wait on its lock file.
-pytestmark = pytest.mark.xdist_group("accelerator_programs")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PLUGINS = ("jax_plugins.xla_cuda12", "libtpu")

@@ -17,8 +17,6 @@ from jaxnorm.cli import bench
 from jaxnorm.analysis import bench_records, load_bench_report
 from jaxnorm.analysis._bench_report import BENCH_SCHEMA
 
-# The module-scoped fixture runs once per worker that gets one of these tests: keep them on one worker.
-pytestmark = pytest.mark.xdist_group("bench_report")
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,6 @@ import textwrap
 
 import pytest
 
-# The module-scoped fixture runs once per worker that gets one of these tests: keep them on one worker.
-pytestmark = pytest.mark.xdist_group("feature_sharded")
 
 SCRIPT = textwrap.dedent(
     """

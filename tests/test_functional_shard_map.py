@@ -19,8 +19,6 @@ import textwrap
 
 import pytest
 
-# The module-scoped fixture runs once per worker that gets one of these tests: keep them on one worker.
-pytestmark = pytest.mark.xdist_group("functional_shard_map")
 
 DEVICES = 3
 

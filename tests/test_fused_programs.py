@@ -107,15 +107,44 @@ def test_the_counter_sees_a_materialized_intermediate():
   assert np.isfinite(bench.cost_bytes_accessed(compiled))
 
 
-# At the benchmark's shape XLA:CPU fuses layer and RMS norm's backward further
-# than at the small shapes above: the dx sums and dx are one pass over (x, g).
-# Pinned here, since only this shape shows it (a rewrite of dx that split them
-# again moved 12 |x| instead of 9, and the small-shape bounds did not notice).
-@pytest.mark.parametrize("op,passes", [("layer_norm", 9), ("rms_norm", 6)])
-def test_row_norm_backward_at_benchmark_shape(op, passes):
+# At the benchmark's shapes XLA:CPU fuses the backward further than at the
+# small shapes above (layer and RMS norm: the dx sums and dx are one pass
+# over (x, g); batch and group norm: 9 |x| where the small shapes allow 12).
+# Pinned here, since only these shapes show it: a rewrite of dx that split
+# them again moved 12 |x| instead of 9, and the small-shape bounds did not
+# notice. (op -> x shape, forward passes, forward+backward passes)
+BENCHMARK_SHAPES = {
+    "layer_norm": ((8192, 1024), 5, 9),
+    "rms_norm": ((8192, 1024), 3, 6),
+    "batch_norm": ((64, 32, 32, 128), 5, 9),
+    "group_norm": ((64, 32, 32, 128), 5, 9),
+}
+
+
+def _passes_at_benchmark_shape(apply, shape, n_params):
+  """Bytes accessed by the forward and the forward+backward program, in units of |x| (float32)."""
+  x = jax.ShapeDtypeStruct(shape, jnp.float32)
+  params = [jax.ShapeDtypeStruct(shape[-1:], jnp.float32)] * n_params
+  x_bytes = int(np.prod(shape)) * 4
+  fwd = jax.jit(apply).lower(x, *params).compile()
+  fwd_bwd = _timing.loss_grad(apply, n_params).lower(x, *params, x).compile()
+  return bench.cost_bytes_accessed(fwd) / x_bytes, bench.cost_bytes_accessed(fwd_bwd) / x_bytes
+
+
+@pytest.mark.parametrize("op", sorted(BENCHMARK_SHAPES))
+def test_traffic_at_the_benchmark_shape(op):
   apply, _, n_params = OPS[op]
-  x = jax.ShapeDtypeStruct((8192, 1024), jnp.float32)
-  params = [jax.ShapeDtypeStruct((1024,), jnp.float32)] * n_params
-  compiled = _timing.loss_grad(apply, n_params).lower(x, *params, x).compile()
-  x_bytes = 8192 * 1024 * 4
-  assert bench.cost_bytes_accessed(compiled) <= (passes + 0.1) * x_bytes
+  shape, fwd_passes, fwd_bwd_passes = BENCHMARK_SHAPES[op]
+  fwd, fwd_bwd = _passes_at_benchmark_shape(apply, shape, n_params)
+  assert fwd <= fwd_passes + 0.1, f"{op} fwd: {fwd:.2f} |x|"
+  assert fwd_bwd <= fwd_bwd_passes + 0.1, f"{op} fwd_bwd: {fwd_bwd:.2f} |x|"
+
+
+def test_the_benchmark_shape_bounds_catch_one_pass_more():
+  # Batch norm with one more read of x (a sum XLA cannot fold away): both bounds fail.
+  apply, _, n_params = OPS["batch_norm"]
+  shape, fwd_passes, fwd_bwd_passes = BENCHMARK_SHAPES["batch_norm"]
+  fwd, fwd_bwd = _passes_at_benchmark_shape(
+      lambda x, s, b: apply(x, s, b) + jnp.sum(jnp.sin(x)) * 0, shape, n_params
+  )
+  assert fwd > fwd_passes + 0.1 and fwd_bwd > fwd_bwd_passes + 0.1, (fwd, fwd_bwd)

@@ -25,8 +25,6 @@ import pytest
 import jaxnorm.analysis as analysis
 from jaxnorm.analysis import invariance_table, normalized_output, transform
 
-# The module-scoped fixture runs once per worker that gets one of these tests: keep them on one worker.
-pytestmark = pytest.mark.xdist_group("invariance")
 
 YES, NO = True, False
 

@@ -61,8 +61,6 @@ import traceback
 
 import pytest
 
-# The module-scoped fixture runs once per worker that gets one of these tests: keep them on one worker.
-pytestmark = pytest.mark.xdist_group("multidevice")
 
 D, N, C, V = 8, 4, 3, 2  # devices, rows per device, features, virtual batch size (ghost ops)
 GROUPS = ((0, 2, 4, 6), (1, 3, 5, 7))  # axis_index_groups: interleaved, so that order matters
