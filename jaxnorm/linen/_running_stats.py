@@ -279,38 +279,36 @@ class RunningStatistics:
           '`y, updates = model.apply(variables, x, mutable=["batch_stats"])`, then '
           "`variables = {**variables, **updates}`; or, for inference, use `use_running_average=True`."
       )
-    batch_mean = batch_mean.astype(self.dtype)
-    batch_var = batch_var.astype(_validation.real_dtype(self.dtype))
+    # The update is computed as flax computes it, the old value's term in the
+    # stored dtype (a checkpoint's may be float32 under a float64 model, as
+    # flax creates it), then promoted with the batch's: explicitly, so that
+    # strict dtype promotion has nothing implicit to refuse.
+    mean_dtype = _validation.promoted_dtype(self.mean.value, np.zeros((), self.dtype))
+    var_dtype = _validation.real_dtype(_validation.promoted_dtype(self.var.value, np.zeros((), self.dtype)))
+    batch_mean, batch_var = batch_mean.astype(mean_dtype), batch_var.astype(var_dtype)
     group_axes = tuple(range(batch_mean.ndim - self.mean.value.ndim))
     valid = None if isinstance(count, int) or count is None else jnp.asarray(count) > 0
-    if self.convention == "flax":
-      m = self.momentum
-      self.mean.value = _keep_unseen(
-          m * self.mean.value + (1 - m) * _group_mean(batch_mean, group_axes, valid), self.mean.value, valid, group_axes
-      )
-      self.var.value = _keep_unseen(
-          m * self.var.value + (1 - m) * _group_mean(batch_var, group_axes, valid), self.var.value, valid, group_axes
-      )
-      return
-    # PyTorch: the running variance is the unbiased one, n / (n - 1); a group
-    # with at most one valid value has variance 0 and stays 0.
-    if isinstance(count, int):
-      batch_var = batch_var * (count / (count - 1))
+    if self.convention == "torch":
+      # PyTorch: the running variance is the unbiased one, n / (n - 1); a group
+      # with at most one valid value has variance 0 and stays 0.
+      if isinstance(count, int):
+        batch_var = batch_var * (count / (count - 1))
+      else:
+        count = jnp.asarray(count, var_dtype)
+        batch_var = batch_var * (count / jnp.maximum(count - 1, 1))
+      steps = self.num_batches_tracked.value + 1
+      # `momentum` weighs the new batch; None is the cumulative average: the k-th batch weighs 1 / k.
+      m = 1 / steps.astype(var_dtype) if self.momentum is None else self.momentum
+      w_old, w_new = 1 - m, m
+      self.num_batches_tracked.value = steps
     else:
-      count = jnp.asarray(count, self.dtype)
-      batch_var = batch_var * (count / jnp.maximum(count - 1, 1))
-    steps = self.num_batches_tracked.value + 1
-    if self.momentum is None:
-      m = 1 / steps.astype(self.dtype)  # cumulative average: the k-th batch weighs 1 / k
-    else:
-      m = self.momentum
-    self.mean.value = _keep_unseen(
-        (1 - m) * self.mean.value + m * _group_mean(batch_mean, group_axes, valid), self.mean.value, valid, group_axes
-    )
-    self.var.value = _keep_unseen(
-        (1 - m) * self.var.value + m * _group_mean(batch_var, group_axes, valid), self.var.value, valid, group_axes
-    )
-    self.num_batches_tracked.value = steps
+      w_old, w_new = self.momentum, 1 - self.momentum
+    for variable, batch in ((self.mean, batch_mean), (self.var, batch_var)):
+      old = variable.value
+      moved = (_weight(w_old, old.dtype) * old).astype(batch.dtype) + _weight(w_new, batch.dtype) * _group_mean(
+          batch, group_axes, valid
+      )
+      variable.value = _keep_unseen(moved, old.astype(batch.dtype), valid, group_axes)
 
   def normalize(
       self,
@@ -342,6 +340,11 @@ class RunningStatistics:
         epsilon=epsilon,
     )
     return y.astype(dtype)
+
+
+def _weight(w: float | jax.Array, dtype: Any) -> float | jax.Array:
+  """A Python weight as it is (weakly typed); an array weight cast to `dtype`."""
+  return w if isinstance(w, (int, float)) else jnp.asarray(w).astype(dtype)
 
 
 def _group_mean(a: jax.Array, group_axes: tuple[int, ...], valid: jax.Array | None = None) -> jax.Array:

@@ -78,7 +78,9 @@ def ema_update(variable: nnx.Variable, batch_value: jax.Array, momentum: float, 
     # flax.nnx's state is real (created before any input is seen): like flax.nnx, keep the real part
     # of a complex input's mean, explicitly (flax casts, with a ComplexWarning).
     batch_value = jnp.real(batch_value)
-  new = momentum * old + (1 - momentum) * batch_value
+  # In the promoted dtype, explicitly: a float64 batch meets float32 state under strict promotion too.
+  dtype = _validation.promoted_dtype(old, batch_value)
+  new = momentum * old.astype(dtype) + (1 - momentum) * batch_value.astype(dtype)
   if seen is not None:
     new = jnp.where(seen.reshape(old.shape), new, old)
   variable[...] = lax.stop_gradient(new).astype(old.dtype)
