@@ -366,23 +366,24 @@ def _one_pass(x, count, axes, dtype, channel_groups) -> Moments:
   return Moments(count, k, 2 * h_mean, 4 * quarter_var)
 
 
-def recentred(x: jax.Array, stats: Moments, axes: tuple[int, ...], channel_groups: int | None) -> Moments:
-  r"""`stats` with the mean re-split as ``shift + offset`` about the mean itself, from one more sum over `x`.
+def recentred(
+    x: jax.Array, shift: jax.Array, offset: jax.Array, count: jax.Array, axes: tuple[int, ...], channel_groups: int | None
+) -> tuple[jax.Array, jax.Array]:
+  r"""The mean ``shift + offset`` re-split about the mean itself, from one more sum over `x`: ``(shift, offset)``.
 
   `_one_pass`'s mean is ``K + offset`` with :math:`K` a member of the group:
   exact only to about :math:`\varepsilon |\mu - K|` times the summation's
   growth. The new `shift` is that mean rounded, and the new `offset` the
-  mean of ``x - shift``, deviations about the mean, summed to full precision.
-  The kernel's backward calls it on GPU and TPU, where it rides in a
-  reduction over `x` that the backward makes anyway, so that its sums of
-  ``g (x - shift)`` deviate about the mean as `_two_pass`'s do (with
-  :math:`K` far out, ``sum(g (x - K)) - (mu - K) sum(g)`` lost three digits
-  of the scale's gradient). `x` is unmasked and already in the statistics'
-  dtype.
+  mean of ``x - shift`` (over `count` values), deviations about the mean,
+  summed to full precision. The kernel's backward calls it on GPU and TPU,
+  where it rides in a reduction over `x` that the backward makes anyway, so
+  that its sums of ``g (x - shift)`` deviate about the mean as `_two_pass`'s
+  do (with :math:`K` far out, ``sum(g (x - K)) - (mu - K) sum(g)`` lost three
+  digits of the scale's gradient). `x` is unmasked and already in the
+  statistics' dtype.
   """
-  shift = stats.shift + stats.offset
-  offset = group_sum(x - shift, axes, channel_groups) / jnp.maximum(stats.count, 1)
-  return stats._replace(shift=shift, offset=offset)
+  shift = shift + offset
+  return shift, group_sum(x - shift, axes, channel_groups) / jnp.maximum(count, 1)
 
 
 def _pivot(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:

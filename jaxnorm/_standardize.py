@@ -266,9 +266,7 @@ def _bwd(spec: Spec, residuals, g):
   one_pass = spec.centered and mask is None and spec.axis_name is None
   if outer and one_pass:
     def recentred(x, shift, offset):
-      stats = _moments.Moments(count, shift, offset, rstd)
-      stats = _moments.recentred(x.astype(acc), stats, spec.axes, spec.channel_groups)
-      return stats.shift, stats.offset
+      return _moments.recentred(x.astype(acc), shift, offset, count, spec.axes, spec.channel_groups)
 
     shift, offset = _platform.by_platform(x, shift, offset, cpu=lambda x, s, o: (s, o), default=recentred)
   if outer:
