@@ -184,26 +184,39 @@ def _run_bench(args: argparse.Namespace) -> int:
 
 
 def _run_bench_target(args: argparse.Namespace) -> int:
-  import json  # noqa: PLC0415
-  import os  # noqa: PLC0415
-
-  # Compile-only: the host stays the CPU, and JAX must not look for a GPU at
-  # start-up (set before JAX is first imported; a user's own setting wins).
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+  _compile_only_host()
   from jaxnorm.cli import bench_targets  # noqa: PLC0415
 
-  try:
+  def run():
     bench_targets.require(args.target)
-    report = bench_targets.run(args.target, quick=args.quick, patterns=args.cases)
+    return bench_targets.run(args.target, quick=args.quick, patterns=args.cases)
+
+  return _report("bench", run, bench_targets.format_report, args.out)
+
+
+def _compile_only_host() -> None:
+  """Compile-only runs: the host stays the CPU, and JAX must not look for a GPU at start-up.
+
+  Set before JAX is first imported; a user's own setting wins.
+  """
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+
+
+def _report(command: str, run: Callable[[], dict], describe: Callable[[dict], str], out: str) -> int:
+  """Runs a measuring command, prints its table and writes its JSON report; a bad argument ends in one line."""
+  import json  # noqa: PLC0415
+
+  try:
+    report = run()
   except (ValueError, RuntimeError) as e:
-    print(f"jaxnorm bench: error: {e}", file=sys.stderr)
+    print(f"jaxnorm {command}: error: {e}", file=sys.stderr)
     return 2
-  print(bench_targets.format_report(report), flush=True)
-  with open(args.out, "w") as f:
+  print(describe(report), flush=True)
+  with open(out, "w") as f:
     json.dump(report, f, indent=1)
     f.write("\n")
-  print(f"wrote {args.out}", flush=True)
+  print(f"wrote {out}", flush=True)
   return 0
 
 
@@ -237,28 +250,17 @@ def _add_blocks(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def _run_blocks(args: argparse.Namespace) -> int:
-  import json  # noqa: PLC0415
-
   args.out = output_path(args.out, "blocks.json" if args.target is None else f"blocks-{args.target}.json", ".json")
   if args.target is not None:
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+    _compile_only_host()
   from jaxnorm.cli import bench_blocks  # noqa: PLC0415
 
-  try:
+  def run():
     if args.target is None:
-      report = bench_blocks.run(quick=args.quick, repeats=args.repeats)
-    else:
-      report = bench_blocks.run_target(args.target, quick=args.quick)
-  except (ValueError, RuntimeError) as e:
-    print(f"jaxnorm blocks: error: {e}", file=sys.stderr)
-    return 2
-  print(bench_blocks.format_report(report), flush=True)
-  with open(args.out, "w") as f:
-    json.dump(report, f, indent=1)
-    f.write("\n")
-  print(f"wrote {args.out}", flush=True)
-  return 0
+      return bench_blocks.run(quick=args.quick, repeats=args.repeats)
+    return bench_blocks.run_target(args.target, quick=args.quick)
+
+  return _report("blocks", run, bench_blocks.format_report, args.out)
 
 
 def _add_tour(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
