@@ -22,6 +22,7 @@ def batch_norm(
     axis_index_groups: Any = None,
     dtype: Any = None,
     custom_vjp: bool = True,
+    saved: str = "input",
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   r"""Batch normalization with batch statistics (Ioffe & Szegedy, 2015).
 
@@ -58,6 +59,14 @@ def batch_norm(
     custom_vjp: if False, differentiate the same forward by plain autodiff
       (needed for forward mode: `jax.jvp`, `jax.jacfwd`; reverse-over-reverse
       and `jax.hessian` work through the custom VJP).
+    saved: what the backward keeps of this norm: "input" (`x`, the default)
+      or "output" (`y`, the array returned, from which x-hat is recovered
+      as :math:`(y - \beta) / (o + \gamma)`), so that `x` can be freed
+      after the forward where the next layer keeps `y` anyway. With
+      "output" a multiplier smaller than `epsilon` in magnitude is taken as
+      :math:`\pm\epsilon` (In-Place ABN's rule; the gradient wrt `scale`
+      stays :math:`\sum g \hat x`), and x-hat carries the rounding of `y`
+      in its dtype. Real inputs and the custom VJP only.
 
   Degenerate batches, the one rule of this op and the `BatchNorm` modules
   (linen and nnx) in training: a single value per feature (e.g. one example
@@ -92,6 +101,7 @@ def batch_norm(
       axis_index_groups=axis_index_groups,
       dtype=dtype,
       custom_vjp=custom_vjp,
+      saved=saved,
   )
 
 
@@ -108,6 +118,7 @@ def with_statistics(
     axis_index_groups: Any,
     dtype: Any,
     custom_vjp: bool,
+    saved: str = "input",
     initializing: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """`batch_norm`, and what the linen modules' `init` needs besides: `initializing`.
@@ -148,5 +159,6 @@ def with_statistics(
       axis_index_groups=axis_index_groups,
       dtype=dtype,
       custom_vjp=custom_vjp,
+      saved=saved,
       with_statistics=True,
   )

@@ -57,6 +57,7 @@ def standardize_groups(
     scale_offset: float = 0.0,
     dtype: Any = None,
     custom_vjp: bool = True,
+    saved: str = "input",
 ) -> jax.Array:
   """Group normalization of a channels-last `x` (rank >= 1) over `spatial_axes` and each channel group.
 
@@ -84,6 +85,7 @@ def standardize_groups(
       scale_offset=scale_offset,
       dtype=dtype,
       custom_vjp=custom_vjp,
+      saved=saved,
       channel_groups=groups,
   )
 
@@ -101,6 +103,7 @@ def group_norm(
     scale_offset: float = 0.0,
     dtype: Any = None,
     custom_vjp: bool = True,
+    saved: str = "input",
 ) -> jax.Array:
   r"""Group normalization (Wu & He, 2018) of a channels-last input.
 
@@ -132,6 +135,14 @@ def group_norm(
       (the multiplier is :math:`o + \gamma`; 1 for a zero-centred scale).
     dtype: output dtype; defaults to `x.dtype`.
     custom_vjp: if False, plain autodiff of the same forward (for forward mode).
+    saved: what the backward keeps of this norm: "input" (`x`, the default)
+      or "output" (`y`, the array returned, from which x-hat is recovered
+      as :math:`(y - \beta) / (o + \gamma)`), so that `x` can be freed
+      after the forward where the next layer keeps `y` anyway. With
+      "output" a multiplier smaller than `epsilon` in magnitude is taken as
+      :math:`\pm\epsilon` (In-Place ABN's rule; the gradient wrt `scale`
+      stays :math:`\sum g \hat x`), and x-hat carries the rounding of `y`
+      in its dtype. Real inputs and the custom VJP only.
 
   Returns:
     `y`, shaped like `x`.
@@ -159,6 +170,7 @@ def group_norm(
       scale_offset=scale_offset,
       dtype=dtype,
       custom_vjp=custom_vjp,
+      saved=saved,
   )
 
 
@@ -174,6 +186,7 @@ def instance_norm(
     scale_offset: float = 0.0,
     dtype: Any = None,
     custom_vjp: bool = True,
+    saved: str = "input",
 ) -> jax.Array:
   r"""Instance normalization (Ulyanov, Vedaldi & Lempitsky, 2016) of a channels-last input.
 
@@ -202,6 +215,14 @@ def instance_norm(
       (the multiplier is :math:`o + \gamma`; 1 for a zero-centred scale).
     dtype: output dtype; defaults to `x.dtype`.
     custom_vjp: if False, plain autodiff of the same forward (for forward mode).
+    saved: what the backward keeps of this norm: "input" (`x`, the default)
+      or "output" (`y`, the array returned, from which x-hat is recovered
+      as :math:`(y - \beta) / (o + \gamma)`), so that `x` can be freed
+      after the forward where the next layer keeps `y` anyway. With
+      "output" a multiplier smaller than `epsilon` in magnitude is taken as
+      :math:`\pm\epsilon` (In-Place ABN's rule; the gradient wrt `scale`
+      stays :math:`\sum g \hat x`), and x-hat carries the rounding of `y`
+      in its dtype. Real inputs and the custom VJP only.
 
   Returns:
     `y`, shaped like `x`.
@@ -237,4 +258,5 @@ def instance_norm(
       scale_offset=scale_offset,
       dtype=dtype,
       custom_vjp=custom_vjp,
+      saved=saved,
   )

@@ -22,6 +22,7 @@ def layer_norm(
     scale_offset: float = 0.0,
     dtype: Any = None,
     custom_vjp: bool = True,
+    saved: str = "input",
 ) -> jax.Array:
   r"""Layer normalization (Ba, Kiros & Hinton, 2016).
 
@@ -52,6 +53,14 @@ def layer_norm(
       :math:`\gamma` to 0). The gradient wrt `scale` is unchanged.
     dtype: output dtype; defaults to `x.dtype`.
     custom_vjp: if False, plain autodiff of the same forward (for forward mode).
+    saved: what the backward keeps of this norm: "input" (`x`, the default)
+      or "output" (`y`, the array returned, from which x-hat is recovered
+      as :math:`(y - \beta) / (o + \gamma)`), so that `x` can be freed
+      after the forward where the next layer keeps `y` anyway. With
+      "output" a multiplier smaller than `epsilon` in magnitude is taken as
+      :math:`\pm\epsilon` (In-Place ABN's rule; the gradient wrt `scale`
+      stays :math:`\sum g \hat x`), and x-hat carries the rounding of `y`
+      in its dtype. Real inputs and the custom VJP only.
 
   Returns:
     `y`, shaped like `x`.
@@ -81,6 +90,7 @@ def layer_norm(
       scale_offset=scale_offset,
       dtype=dtype,
       custom_vjp=custom_vjp,
+      saved=saved,
   )
 
 
@@ -96,6 +106,7 @@ def rms_norm(
     scale_offset: float = 0.0,
     dtype: Any = None,
     custom_vjp: bool = True,
+    saved: str = "input",
 ) -> jax.Array:
   r"""Root-mean-square normalization (Zhang & Sennrich, 2019).
 
@@ -123,6 +134,14 @@ def rms_norm(
       :math:`\gamma` to 0). The gradient wrt `scale` is unchanged.
     dtype: output dtype; defaults to `x.dtype`.
     custom_vjp: if False, plain autodiff of the same forward (for forward mode).
+    saved: what the backward keeps of this norm: "input" (`x`, the default)
+      or "output" (`y`, the array returned, from which x-hat is recovered
+      as :math:`(y - \beta) / (o + \gamma)`), so that `x` can be freed
+      after the forward where the next layer keeps `y` anyway. With
+      "output" a multiplier smaller than `epsilon` in magnitude is taken as
+      :math:`\pm\epsilon` (In-Place ABN's rule; the gradient wrt `scale`
+      stays :math:`\sum g \hat x`), and x-hat carries the rounding of `y`
+      in its dtype. Real inputs and the custom VJP only.
 
   Returns:
     `y`, shaped like `x`.
@@ -150,4 +169,5 @@ def rms_norm(
       scale_offset=scale_offset,
       dtype=dtype,
       custom_vjp=custom_vjp,
+      saved=saved,
   )

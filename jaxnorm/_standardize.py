@@ -108,6 +108,12 @@ class Spec:
   # Added to `scale` in the accumulation dtype: y = x-hat (scale_offset +
   # scale) + bias, Gemma's zero-centred scale with 1 (see `multiplier`).
   scale_offset: float = 0.0
+  # What the forward keeps for the backward: "input" (x) or "output" (y,
+  # from which the backward recovers x-hat; see `_bwd_from_output`).
+  saved: str = "input"
+  # The dtype of `x` (of its cotangent), which the backward from the output
+  # cannot read from a saved `x`.
+  in_dtype: np.dtype | None = None
 
 
 def multiplier(scale: jax.Array | None, spec: Spec) -> jax.Array | None:
@@ -115,11 +121,18 @@ def multiplier(scale: jax.Array | None, spec: Spec) -> jax.Array | None:
 
   The offset is added after the cast, so a bfloat16 ``scale`` near 0 keeps
   its own precision (1 + 0.01 is not representable in bfloat16 to 3 digits).
+  With ``spec.saved == "output"`` a multiplier of magnitude below `epsilon`
+  is replaced by ``±epsilon`` (+ for 0), as In-Place ABN and Apex do: the
+  backward divides by it to recover x-hat from `y`.
   """
   if scale is None:
     return None
   g = scale.astype(spec.acc_dtype)
-  return g + spec.scale_offset if spec.scale_offset else g
+  g = g + spec.scale_offset if spec.scale_offset else g
+  if spec.saved != "output":
+    return g
+  eps = jnp.asarray(spec.epsilon, g.dtype)
+  return jnp.where(g < 0, jnp.minimum(g, -eps), jnp.maximum(g, eps))
 
 
 def standardize(
@@ -224,10 +237,16 @@ def _normalized(tag: int, x, mask, shift, offset, rstd, acc):
 
 def _fwd(x, scale, bias, mask, spec):
   y, (stats, rstd) = _forward(x, scale, bias, mask, spec)
+  if spec.saved == "output":
+    # `y` is the very array returned to the caller: nothing new is kept but
+    # the statistics and, with a mask, where `x` could be read.
+    return y, (y, scale, bias, mask, _readable(x, mask), stats.count, rstd)
   return y, (x, scale, bias, mask, stats.count, stats.shift, stats.offset, rstd)
 
 
 def _bwd(spec: Spec, residuals, g):
+  if spec.saved == "output":
+    return _bwd_from_output(spec, residuals, g)
   x, scale, bias, mask, count, shift, offset, rstd = residuals
   shape, x, g = x.shape, _view(x, spec), _view(g, spec)
   acc = spec.acc_dtype
@@ -316,6 +335,74 @@ def _bwd(spec: Spec, residuals, g):
   return dx.astype(x.dtype).reshape(shape), d_scale, d_bias, None
 
 
+def _bwd_from_output(spec: Spec, residuals, g):
+  r"""The backward from the output: x-hat is recovered as :math:`(y - \beta) / \gamma'`.
+
+  With :math:`\gamma' = o + \gamma` (clamped, see `multiplier`) and
+  :math:`h = \gamma' g`, the sums of the dx formula need no division:
+  :math:`\langle h \hat x\rangle = \langle g (y - \beta)\rangle`; nor does
+  d(bias); d(scale) divides a small sum, :math:`\sum g (y - \beta) / \gamma'`
+  (:math:`\gamma'` is constant over the axes it is summed along). Only the
+  :math:`\hat x` term of dx divides element by element. The recovered
+  :math:`\hat x` carries the rounding of `y` in its dtype, about
+  :math:`\varepsilon_y (|\hat x| + |\beta| / |\gamma'|)`.
+  """
+  y, scale, bias, mask, readable, count, rstd = residuals
+  shape, y, g = y.shape, _view(y, spec), _view(g, spec)
+  if readable is not None:
+    readable = _view(readable, spec)
+  acc = spec.acc_dtype
+  gamma = multiplier(scale, spec)
+  small = [a for a in (gamma, bias) if a is not None]
+
+  def terms(tag):
+    # (g, y - bias, gamma) from private copies (see `_platform.private_copies`).
+    yk, gk, *rest = _platform.private_copies(tag, y, g, *small)
+    gam = rest.pop(0) if gamma is not None else None
+    dev = yk.astype(acc) if bias is None else yk.astype(acc) - rest[0].astype(acc)
+    return gk.astype(acc), dev, gam
+
+  def finish(a):
+    return _moments.group_sum(a, inner, spec.channel_groups)
+
+  outer = tuple(a for a in spec.axes if _constant_over((a,), scale, bias))
+  inner = tuple(a for a in spec.axes if a not in outer)
+  if outer:
+    # As in `_bwd`: two reductions over (y, g) give the parameter gradients
+    # and, after small sums over `inner`, both sums of the dx formula.
+    g_sum = jnp.sum(terms(4)[0], outer, keepdims=True)
+    gk, dev, _ = terms(3)
+    g_dev = jnp.sum(gk * dev, outer, keepdims=True)
+    d_scale = None if scale is None else _reduce_to(g_dev, scale.shape) / gamma
+    d_bias = None if bias is None else _reduce_to(g_sum, bias.shape)
+    sums = [finish(g_dev)] + ([finish(g_sum if gamma is None else g_sum * gamma)] if spec.centered else [])
+  else:
+    gk, dev, _ = terms(3)
+    sums = [finish(gk * dev)]
+    if spec.centered:
+      gk, _, gam = terms(4)
+      sums.append(finish(gk if gam is None else gk * gam))
+    if scale is None:
+      d_scale = None
+    else:
+      gk, dev, _ = terms(5)
+      d_scale = _reduce_to(gk * dev, scale.shape) / gamma
+    d_bias = None if bias is None else _reduce_to(terms(7)[0], bias.shape)
+  sums = _moments.sum_across(sums, spec.axis_name, spec.axis_index_groups)
+  inv_n = 1 / jnp.maximum(count, 1)
+  gk, dev, gam = terms(6)
+  xhat = dev if gam is None else dev / gam
+  correction = xhat * (sums[0] * inv_n)
+  if spec.centered:
+    correction = correction + sums[1] * inv_n
+  h = gk if gam is None else gk * gam
+  dx = rstd * (h - _moments.masked_zero(correction, mask))
+  dx = _moments.masked_zero(dx, readable)
+  d_scale = None if d_scale is None else d_scale.astype(scale.dtype)
+  d_bias = None if d_bias is None else d_bias.astype(bias.dtype)
+  return dx.astype(spec.in_dtype).reshape(shape), d_scale, d_bias, None
+
+
 def _constant_over(axes: tuple[int, ...], *params: jax.Array | None) -> bool:
   """Whether every given parameter has size 1 along all of `axes` (is constant over them)."""
   return all(p is None or all(p.shape[a] == 1 for a in axes) for p in params)
@@ -351,6 +438,7 @@ def apply(
     channel_groups: int | None = None,
     view: tuple[int, ...] | None = None,
     scale_offset: Any = 0.0,
+    saved: Any = "input",
 ) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
   """Validates the public arguments of the op named `op` and runs `standardize`.
 
@@ -360,7 +448,8 @@ def apply(
   `param_axes` are the axes a per-feature `scale`/`bias` spans; any other
   parameter must broadcast to `x` (see `_validation.affine_parameter`).
   `scale_offset` is added to `scale` inside the kernel (see `multiplier`).
-  Returns `y`, or with `with_statistics` `(y, mean, var)`, the statistics
+  `saved` is what the backward keeps, "input" or "output" (see
+  `_bwd_from_output`). Returns `y`, or with `with_statistics` `(y, mean, var)`, the statistics
   squeezed to the non-reduced axes. With `view`, a shape of as many elements
   as `x`, the normalization runs on `x` reshaped to it (which `axes`,
   `param_axes` and `where` refer to) and `y` has `x`'s shape. The statistics are computed by plain
@@ -385,6 +474,8 @@ def apply(
   complex_params = [p.dtype for p in params if p is not None and jnp.issubdtype(p.dtype, jnp.complexfloating)]
   out_dtype = _validation.output_dtype(dtype, _validation.promoted_dtype(x, *complex_params))
   acc_dtype = _validation.accumulation_dtype(x.dtype, out_dtype, *(p.dtype for p in params if p is not None))
+  is_complex = bool(jnp.issubdtype(acc_dtype, jnp.complexfloating))
+  saved = _validation.saved(saved, complex_input=is_complex, custom_vjp=custom_vjp)
   spec = Spec(
       axes=axes,
       centered=centered,
@@ -397,9 +488,11 @@ def apply(
       channel_groups=channel_groups,
       view=view,
       scale_offset=scale_offset,
+      saved=saved,
+      in_dtype=x.dtype,
   )
   mask = _validation.broadcast_mask(where, vshape)
-  if jnp.issubdtype(acc_dtype, jnp.complexfloating):
+  if is_complex:
     return _complex_run(x, params[0], params[1], mask, spec=spec, with_statistics=with_statistics)
   # Under jax.jvp the custom VJP fails inside this call: say what to do instead.
   with _validation.explain_forward_mode(op, custom_vjp, (x, scale, bias)):

@@ -190,6 +190,32 @@ def scale_offset(value: Any, scale: Any) -> float:
   return value
 
 
+SAVED = ("input", "output")
+
+
+def saved(value: Any, *, complex_input: bool = False, custom_vjp: bool = True) -> str:
+  """`saved` ("input" or "output"), checked against what the backward from the output cannot serve.
+
+  Example:
+    >>> from jaxnorm._validation import saved
+    >>> saved("output")
+    'output'
+  """
+  if not isinstance(value, str) or value not in SAVED:
+    raise ValueError(f"`saved` must be one of {SAVED} (what the backward keeps of this norm), got {value!r}.")
+  if value == "output" and complex_input:
+    raise ValueError(
+        "`saved`='output' needs a real input and real parameters: complex ones are differentiated by plain "
+        "autodiff, which keeps its own residuals. Use saved='input'."
+    )
+  if value == "output" and not custom_vjp:
+    raise ValueError(
+        "`saved`='output' chooses what the hand-derived VJP keeps; with `custom_vjp`=False there is none. "
+        "Use saved='input' with custom_vjp=False."
+    )
+  return value
+
+
 def static_count(shape: tuple[int, ...], axes: tuple[int, ...], axis_name: Any = None, axis_index_groups: Any = None) -> int:
   """How many values each statistic over `axes` (and the devices of `axis_name`) sees, without a mask.
 

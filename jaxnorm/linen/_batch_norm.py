@@ -88,6 +88,13 @@ class BatchNorm(nn.Module):
   are often initialized with one dummy example); with a `mask` the count is
   not static and is not checked.
 
+  `saved` ("input", the default, or "output"): what the backward keeps.
+  With "output" it keeps the returned `y` and recovers x-hat from it, so
+  that `x` can be freed after the forward when the next layer keeps `y`
+  anyway (see `jaxnorm.layer_norm` for its limits: a multiplier below
+  `epsilon` in magnitude is taken as ``±epsilon``, and x-hat carries the
+  rounding of `y`).
+
   Example:
     >>> import jax, jax.numpy as jnp
     >>> from jaxnorm import linen as jnn
@@ -115,6 +122,7 @@ class BatchNorm(nn.Module):
   force_float32_reductions: bool = True
   convention: str = "flax"
   track_running_stats: bool = True
+  saved: str = "input"
 
   @nn.compact
   def __call__(
@@ -171,6 +179,7 @@ class BatchNorm(nn.Module):
         axis_index_groups=self.axis_index_groups,
         dtype=dtype,
         custom_vjp=True,
+        saved=self.saved,
         initializing=self.is_initializing(),
     )
     running.update(mean, var, count)

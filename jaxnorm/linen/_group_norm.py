@@ -56,6 +56,13 @@ class GroupNorm(nn.Module):
   ``scale=``/``shift=`` of a diffusion UNet's ResBlock (guided-diffusion's
   ``use_scale_shift_norm``): ``y = norm(x) * (1 + scale) + shift``.
 
+  `saved` ("input", the default, or "output"): what the backward keeps.
+  With "output" it keeps the returned `y` and recovers x-hat from it, so
+  that `x` can be freed after the forward when the next layer keeps `y`
+  anyway (see `jaxnorm.layer_norm` for its limits: a multiplier below
+  `epsilon` in magnitude is taken as ``±epsilon``, and x-hat carries the
+  rounding of `y`).
+
   Example:
     >>> import jax
     >>> from jaxnorm import linen as jnn
@@ -81,6 +88,7 @@ class GroupNorm(nn.Module):
   use_fast_variance: bool = True
   force_float32_reductions: bool = True
   scale_offset: float = 0.0
+  saved: str = "input"
 
   @nn.compact
   def __call__(
@@ -139,6 +147,7 @@ class GroupNorm(nn.Module):
         axis_index_groups=self.axis_index_groups,
         scale_offset=scale_offset,
         dtype=dtype,
+        saved=self.saved,
     )
 
 
@@ -157,6 +166,13 @@ class InstanceNorm(nn.Module):
   (`use_fast_variance` and `force_float32_reductions` are accepted and
   ignored). Beyond flax, as `GroupNorm`: `scale_offset` and the call-time
   ``scale=``/``shift=``.
+
+  `saved` ("input", the default, or "output"): what the backward keeps.
+  With "output" it keeps the returned `y` and recovers x-hat from it, so
+  that `x` can be freed after the forward when the next layer keeps `y`
+  anyway (see `jaxnorm.layer_norm` for its limits: a multiplier below
+  `epsilon` in magnitude is taken as ``±epsilon``, and x-hat carries the
+  rounding of `y`).
 
   Example:
     >>> import jax
@@ -181,6 +197,7 @@ class InstanceNorm(nn.Module):
   use_fast_variance: bool = True
   force_float32_reductions: bool = True
   scale_offset: float = 0.0
+  saved: str = "input"
 
   @nn.compact
   def __call__(
@@ -226,5 +243,6 @@ class InstanceNorm(nn.Module):
         axis_index_groups=self.axis_index_groups,
         scale_offset=scale_offset,
         dtype=dtype,
+        saved=self.saved,
     )
     return y

@@ -49,6 +49,7 @@ def _per_example(
       axis_index_groups=module.axis_index_groups,
       scale_offset=scale_offset,
       dtype=dtype,
+      saved=module.saved,
   )
   return y
 
@@ -71,6 +72,13 @@ class LayerNorm(nn.Module):
   ``shift=`` (per example or position; see `AdaLNZero` for DiT's block). The
   modulation enters the same hand-derived VJP, which saves nothing
   full-size but `x`.
+
+  `saved` ("input", the default, or "output"): what the backward keeps.
+  With "output" it keeps the returned `y` and recovers x-hat from it, so
+  that `x` can be freed after the forward when the next layer keeps `y`
+  anyway (see `jaxnorm.layer_norm` for its limits: a multiplier below
+  `epsilon` in magnitude is taken as ``±epsilon``, and x-hat carries the
+  rounding of `y`).
 
   Example:
     >>> import jax
@@ -95,6 +103,7 @@ class LayerNorm(nn.Module):
   use_fast_variance: bool = True
   force_float32_reductions: bool = True
   scale_offset: float = 0.0
+  saved: str = "input"
 
   @nn.compact
   def __call__(
@@ -137,6 +146,13 @@ class RMSNorm(nn.Module):
   parameter tree as Gemma's RMSNorm) and the call-time ``scale=`` :math:`s`
   and ``shift=`` :math:`t`.
 
+  `saved` ("input", the default, or "output"): what the backward keeps.
+  With "output" it keeps the returned `y` and recovers x-hat from it, so
+  that `x` can be freed after the forward when the next layer keeps `y`
+  anyway (see `jaxnorm.layer_norm` for its limits: a multiplier below
+  `epsilon` in magnitude is taken as ``±epsilon``, and x-hat carries the
+  rounding of `y`).
+
   Example:
     >>> import jax
     >>> from jaxnorm import linen as jnn
@@ -158,6 +174,7 @@ class RMSNorm(nn.Module):
   use_fast_variance: bool = True
   force_float32_reductions: bool = True
   scale_offset: float = 0.0
+  saved: str = "input"
 
   @nn.compact
   def __call__(

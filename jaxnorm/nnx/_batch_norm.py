@@ -12,6 +12,7 @@ from flax.nnx.nn import dtypes, initializers
 from flax.typing import Axes, Dtype, Initializer, PromoteDtypeFn
 
 import jaxnorm
+from jaxnorm import _validation
 from jaxnorm.nnx._affine import NO_METADATA
 from jaxnorm.nnx._running_stats import BatchStatistics
 
@@ -53,6 +54,13 @@ class BatchNorm(BatchStatistics):
   statistics is taken over the whole mapped batch and the shared running
   statistics stay unmapped.
 
+  `saved` ("input", the default, or "output"): what the backward keeps.
+  With "output" it keeps the returned `y` and recovers x-hat from it, so
+  that `x` can be freed after the forward when the next layer keeps `y`
+  anyway (see `jaxnorm.layer_norm` for its limits: a multiplier below
+  `epsilon` in magnitude is taken as ``±epsilon``, and x-hat carries the
+  rounding of `y`).
+
   Example:
     >>> import jax, jax.numpy as jnp
     >>> from flax import nnx
@@ -87,6 +95,7 @@ class BatchNorm(BatchStatistics):
       rngs: nnx.Rngs,
       bias_metadata: Mapping[str, Any] = NO_METADATA,
       scale_metadata: Mapping[str, Any] = NO_METADATA,
+      saved: str = "input",
   ):
     self._init_batch_statistics(
         num_features,
@@ -108,6 +117,7 @@ class BatchNorm(BatchStatistics):
         scale_metadata=scale_metadata,
     )
     self.use_fast_variance = use_fast_variance
+    self.saved = _validation.saved(saved)
 
   def __call__(
       self,
@@ -148,4 +158,5 @@ class BatchNorm(BatchStatistics):
         axis_name=self.axis_name,
         axis_index_groups=self.axis_index_groups,
         dtype=dtype,
+        saved=self.saved,
     )

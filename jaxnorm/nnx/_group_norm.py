@@ -57,6 +57,13 @@ class GroupNorm(nnx.Module):
   ``scale=``/``shift=`` of a diffusion UNet's ResBlock (guided-diffusion's
   ``use_scale_shift_norm``): ``y = norm(x) * (1 + scale) + shift``.
 
+  `saved` ("input", the default, or "output"): what the backward keeps.
+  With "output" it keeps the returned `y` and recovers x-hat from it, so
+  that `x` can be freed after the forward when the next layer keeps `y`
+  anyway (see `jaxnorm.layer_norm` for its limits: a multiplier below
+  `epsilon` in magnitude is taken as ``±epsilon``, and x-hat carries the
+  rounding of `y`).
+
   Example:
     >>> import jax
     >>> from flax import nnx
@@ -89,11 +96,13 @@ class GroupNorm(nnx.Module):
       bias_metadata: Mapping[str, Any] = NO_METADATA,
       scale_metadata: Mapping[str, Any] = NO_METADATA,
       scale_offset: float = 0.0,
+      saved: str = "input",
   ):
     self.feature_axis = -1
     self.num_groups, self.group_size = _groups(num_features, num_groups, group_size)
     shape = (num_features,)
     self.scale_offset = _validation.real_number(scale_offset, "scale_offset")
+    self.saved = _validation.saved(saved)
     scale_init = _modulation.scale_initializer(scale_init, self.scale_offset)
     self.scale = _affine.optional_param(use_scale, scale_init, shape, param_dtype, rngs, scale_metadata)
     self.bias = _affine.optional_param(use_bias, bias_init, shape, param_dtype, rngs, bias_metadata)
@@ -161,6 +170,7 @@ class GroupNorm(nnx.Module):
         axis_index_groups=self.axis_index_groups,
         scale_offset=scale_offset,
         dtype=dtype,
+        saved=self.saved,
     )
 
 
@@ -177,6 +187,13 @@ class InstanceNorm(nnx.Module):
   state and output dtypes as flax; inside, a hand-derived VJP and a stable
   variance (`use_fast_variance` is accepted and ignored). Beyond flax, as
   `GroupNorm`: `scale_offset` and the call-time ``scale=``/``shift=``.
+
+  `saved` ("input", the default, or "output"): what the backward keeps.
+  With "output" it keeps the returned `y` and recovers x-hat from it, so
+  that `x` can be freed after the forward when the next layer keeps `y`
+  anyway (see `jaxnorm.layer_norm` for its limits: a multiplier below
+  `epsilon` in magnitude is taken as ``±epsilon``, and x-hat carries the
+  rounding of `y`).
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -208,9 +225,11 @@ class InstanceNorm(nnx.Module):
       bias_metadata: Mapping[str, Any] = NO_METADATA,
       scale_metadata: Mapping[str, Any] = NO_METADATA,
       scale_offset: float = 0.0,
+      saved: str = "input",
   ):
     shape = (num_features,)
     self.scale_offset = _validation.real_number(scale_offset, "scale_offset")
+    self.saved = _validation.saved(saved)
     scale_init = _modulation.scale_initializer(scale_init, self.scale_offset)
     self.scale = _affine.optional_param(use_scale, scale_init, shape, param_dtype, rngs, scale_metadata)
     self.bias = _affine.optional_param(use_bias, bias_init, shape, param_dtype, rngs, bias_metadata)
@@ -259,4 +278,5 @@ class InstanceNorm(nnx.Module):
         axis_index_groups=self.axis_index_groups,
         scale_offset=scale_offset,
         dtype=dtype,
+        saved=self.saved,
     )

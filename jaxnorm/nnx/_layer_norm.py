@@ -39,6 +39,7 @@ def per_example(
       axis_index_groups=module.axis_index_groups,
       scale_offset=scale_offset,
       dtype=dtype,
+      saved=module.saved,
   )
 
 
@@ -60,6 +61,13 @@ class LayerNorm(nnx.Module):
   the call-time modulation :math:`s, t` of adaLN and FiLM, ``scale=`` and
   ``shift=`` (per example or position; see `AdaLNZero` for DiT's block),
   inside the same hand-derived VJP.
+
+  `saved` ("input", the default, or "output"): what the backward keeps.
+  With "output" it keeps the returned `y` and recovers x-hat from it, so
+  that `x` can be freed after the forward when the next layer keeps `y`
+  anyway (see `jaxnorm.layer_norm` for its limits: a multiplier below
+  `epsilon` in magnitude is taken as ``±epsilon``, and x-hat carries the
+  rounding of `y`).
 
   Example:
     >>> import jax
@@ -91,9 +99,11 @@ class LayerNorm(nnx.Module):
       bias_metadata: Mapping[str, Any] = NO_METADATA,
       scale_metadata: Mapping[str, Any] = NO_METADATA,
       scale_offset: float = 0.0,
+      saved: str = "input",
   ):
     shape = (num_features,)
     self.scale_offset = _validation.real_number(scale_offset, "scale_offset")
+    self.saved = _validation.saved(saved)
     scale_init = _modulation.scale_initializer(scale_init, self.scale_offset)
     self.scale = _affine.optional_param(use_scale, scale_init, shape, param_dtype, rngs, scale_metadata)
     self.bias = _affine.optional_param(use_bias, bias_init, shape, param_dtype, rngs, bias_metadata)
@@ -151,6 +161,13 @@ class RMSNorm(nnx.Module):
   the RMSNorm in flax's ``examples/gemma``) and the call-time ``scale=``
   :math:`s` and ``shift=`` :math:`t`.
 
+  `saved` ("input", the default, or "output"): what the backward keeps.
+  With "output" it keeps the returned `y` and recovers x-hat from it, so
+  that `x` can be freed after the forward when the next layer keeps `y`
+  anyway (see `jaxnorm.layer_norm` for its limits: a multiplier below
+  `epsilon` in magnitude is taken as ``±epsilon``, and x-hat carries the
+  rounding of `y`).
+
   Example:
     >>> import jax
     >>> from flax import nnx
@@ -179,8 +196,10 @@ class RMSNorm(nnx.Module):
       rngs: nnx.Rngs,
       scale_metadata: Mapping[str, Any] = NO_METADATA,
       scale_offset: float = 0.0,
+      saved: str = "input",
   ):
     self.scale_offset = _validation.real_number(scale_offset, "scale_offset")
+    self.saved = _validation.saved(saved)
     scale_init = _modulation.scale_initializer(scale_init, self.scale_offset)
     self.scale = _affine.optional_param(use_scale, scale_init, (num_features,), param_dtype, rngs, scale_metadata)
     self.num_features = num_features
