@@ -135,6 +135,16 @@ SCRIPT = textwrap.dedent(
         loss_ref = lambda x: jnp.sum(ref_bn(x, s, b)[1] * cm[0]) + jnp.sum(ref_bn(x, s, b)[2] * cv[0])
         return err(jax.grad(loss)(x), jax.grad(loss_ref)(x))
 
+    # The backward from the output (saved="output"): the same gradients, masked, replicated parameters.
+    @case
+    def grad_saved_output_replicated_scale_bias():
+        f = sharded(lambda x, s, b, w: jaxnorm.batch_norm(x, s, b, where=w, axis_name="i", saved="output")[0],
+                    (P("i"), P(), P(), P("i")), P("i"))
+        loss = lambda x, s, b: jnp.sum(f(x, s, b, where) * ct)
+        g = jax.grad(loss, (0, 1, 2))(x, s, b)
+        g_ref = jax.grad(lambda x, s, b: jnp.sum(ref_bn(x, s, b)[0] * ct), (0, 1, 2))(x, s, b)
+        return err(g, g_ref)
+
     print(json.dumps({"devices": D, "results": results}))
     """
 )
@@ -148,6 +158,7 @@ CASES = [
     "grad_through_statistics",
     "grad_inside_shard_map_through_statistics",
     "grad_moments",
+    "grad_saved_output_replicated_scale_bias",
 ]
 
 
