@@ -190,7 +190,16 @@ def _forward(x, scale, bias, mask, spec: Spec, forward_only: bool = False, porta
     y = y * multiplier(scale, spec)
   if bias is not None:
     y = y + bias.astype(spec.acc_dtype)
-  return y.astype(spec.out_dtype).reshape(shape), (stats, rstd)
+  y = y.astype(spec.out_dtype)
+  if spec.saved == "output":
+    # XLA:CPU copies an elementwise function of x into each of its consumers,
+    # the backward's too, which would then read x and keep it alive. It does
+    # not copy a division: dividing by an exact 1 makes `y` a buffer of its
+    # own that the backward reads (values unchanged). The 1 is made full-size
+    # from `y` itself, as XLA rewrites a division by a broadcast into a
+    # product. Other backends keep `y` as it is.
+    y = _platform.by_platform(y, cpu=lambda y: y / jnp.where(y != y, y, jnp.ones((), y.dtype)), default=lambda y: y)
+  return y.reshape(shape), (stats, rstd)
 
 
 def _rstd(stats: _moments.Moments, mask: jax.Array | None, spec: Spec) -> jax.Array:
