@@ -16,7 +16,7 @@ import importlib.util as _importlib_util
 import typing as _typing
 
 if _typing.TYPE_CHECKING:  # the eager imports, for type checkers and IDEs
-  from jaxnorm._batch_norm import batch_norm
+  from jaxnorm._batch_norm import activated_batch_norm, batch_norm
   from jaxnorm._batch_renorm import batch_renorm, batch_renorm_schedule
   from jaxnorm._dyt import dyt
   from jaxnorm._filter_response_norm import filter_response_norm
@@ -35,6 +35,7 @@ __version__ = "0.1.0"
 
 # Public name -> the private module that defines it.
 _SOURCES = {
+    "activated_batch_norm": "_batch_norm",
     "batch_norm": "_batch_norm",
     "batch_renorm": "_batch_renorm",
     "batch_renorm_schedule": "_batch_renorm",

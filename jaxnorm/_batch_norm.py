@@ -105,6 +105,72 @@ def batch_norm(
   )
 
 
+def activated_batch_norm(
+    x: jax.Array,
+    scale: jax.Array | None = None,
+    bias: jax.Array | None = None,
+    *,
+    negative_slope: float = 0.01,
+    feature_axes: _validation.Axes = _validation.DEFAULT_FEATURE_AXES,
+    axis: _validation.Axes | None = None,
+    epsilon: float = 1e-5,
+    where: jax.Array | None = None,
+    axis_name: Any = None,
+    axis_index_groups: Any = None,
+    dtype: Any = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  r"""Batch normalization followed by a leaky ReLU, whose backward needs only the activation's output (In-Place ABN).
+
+  .. math::
+      y = \gamma \, \frac{x - \mu_B}{\sqrt{\sigma_B^2 + \epsilon}} + \beta, \qquad
+      z = \begin{cases} y & y \ge 0 \\ s\, y & y < 0 \end{cases}
+
+  (Rota Bulò, Porzi & Kontschieder, CVPR 2018.) The VJP keeps `z`, the array
+  returned, which the next convolution keeps anyway, and recovers `y` from it
+  (:math:`y = z / s` where :math:`z < 0`) and x-hat from `y` (see
+  `batch_norm`'s `saved`): neither `x` nor `y` outlives the forward. With
+  ``negative_slope=0`` (ReLU), whose negative half cannot be recovered, the
+  VJP keeps `y` instead, the pre-activation the backward needs (as
+  ``batch_norm(..., saved="output")`` followed by `jax.nn.relu` does).
+  A multiplier :math:`|\gamma| <` `epsilon` is taken as :math:`\pm\epsilon`
+  (see `batch_norm`'s `saved`). Arguments as `batch_norm`; the gradient is
+  that of ``jax.nn.leaky_relu(batch_norm(...)[0], negative_slope)``.
+
+  Args:
+    negative_slope: :math:`s`, in [0, 1]; In-Place ABN's default 0.01.
+
+  Returns:
+    `(z, mean, var)`, as `batch_norm` returns `(y, mean, var)`.
+
+  Example:
+    >>> import jax, jaxnorm
+    >>> x = jax.random.normal(jax.random.key(0), (32, 8))
+    >>> z, mean, var = jaxnorm.activated_batch_norm(x)
+    >>> bool((z >= -0.01 * 10).all()), z.shape
+    (True, (32, 8))
+  """
+  return with_statistics(
+      x,
+      scale,
+      bias,
+      feature_axes=feature_axes,
+      axis=axis,
+      epsilon=epsilon,
+      where=where,
+      axis_name=axis_name,
+      axis_index_groups=axis_index_groups,
+      dtype=dtype,
+      custom_vjp=True,
+      saved="output",
+      negative_slope=negative_slope,
+  )
+
+
+def activation(y: jax.Array, negative_slope: float) -> jax.Array:
+  """`activated_batch_norm`'s activation outside its VJP (the modules' inference): `jax.nn.relu` for a slope of 0."""
+  return jax.nn.relu(y) if negative_slope == 0 else jax.nn.leaky_relu(y, negative_slope)
+
+
 def with_statistics(
     x: Any,
     scale: Any,
@@ -119,6 +185,7 @@ def with_statistics(
     dtype: Any,
     custom_vjp: bool,
     saved: str = "input",
+    negative_slope: float | None = None,
     initializing: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """`batch_norm`, and what the linen modules' `init` needs besides: `initializing`.
@@ -160,5 +227,6 @@ def with_statistics(
       dtype=dtype,
       custom_vjp=custom_vjp,
       saved=saved,
+      negative_slope=negative_slope,
       with_statistics=True,
   )

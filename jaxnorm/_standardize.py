@@ -114,6 +114,9 @@ class Spec:
   # The dtype of `x` (of its cotangent), which the backward from the output
   # cannot read from a saved `x`.
   in_dtype: np.dtype | None = None
+  # With a number here, a leaky ReLU of this slope (0: ReLU) follows the
+  # affine part, inside the VJP (In-Place ABN; see `_activate`).
+  negative_slope: float | None = None
 
 
 def multiplier(scale: jax.Array | None, spec: Spec) -> jax.Array | None:
@@ -190,6 +193,8 @@ def _forward(x, scale, bias, mask, spec: Spec, forward_only: bool = False, porta
     y = y * multiplier(scale, spec)
   if bias is not None:
     y = y + bias.astype(spec.acc_dtype)
+  if spec.negative_slope:
+    y = jnp.where(y >= 0, y, y * spec.negative_slope)
   y = y.astype(spec.out_dtype)
   if spec.saved == "output":
     # XLA:CPU copies an elementwise function of x into each of its consumers,
@@ -199,7 +204,12 @@ def _forward(x, scale, bias, mask, spec: Spec, forward_only: bool = False, porta
     # from `y` itself, as XLA rewrites a division by a broadcast into a
     # product. Other backends keep `y` as it is.
     y = _platform.by_platform(y, cpu=lambda y: y / jnp.where(y != y, y, jnp.ones((), y.dtype)), default=lambda y: y)
-  return y.reshape(shape), (stats, rstd)
+  # What the backward from the output reads: the output itself, or with a
+  # ReLU, which loses the negative half, the array before it.
+  kept = y.reshape(shape)
+  if spec.negative_slope == 0:
+    y = jnp.maximum(y, jnp.zeros((), y.dtype))
+  return y.reshape(shape), (stats, rstd, kept)
 
 
 def _rstd(stats: _moments.Moments, mask: jax.Array | None, spec: Spec) -> jax.Array:
@@ -245,11 +255,12 @@ def _normalized(tag: int, x, mask, shift, offset, rstd, acc):
 
 
 def _fwd(x, scale, bias, mask, spec):
-  y, (stats, rstd) = _forward(x, scale, bias, mask, spec)
+  y, (stats, rstd, kept) = _forward(x, scale, bias, mask, spec)
   if spec.saved == "output":
-    # `y` is the very array returned to the caller: nothing new is kept but
-    # the statistics and, with a mask, where `x` could be read.
-    return y, (y, scale, bias, mask, _readable(x, mask), stats.count, rstd)
+    # `kept` is the very array returned to the caller (but with a ReLU):
+    # nothing new is kept but the statistics and, with a mask, where `x`
+    # could be read.
+    return y, (kept, scale, bias, mask, _readable(x, mask), stats.count, rstd)
   return y, (x, scale, bias, mask, stats.count, stats.shift, stats.offset, rstd)
 
 
@@ -367,6 +378,7 @@ def _bwd_from_output(spec: Spec, residuals, g):
   def terms(tag):
     # (g, y - bias, gamma) from private copies (see `_platform.private_copies`).
     yk, gk, *rest = _platform.private_copies(tag, y, g, *small)
+    yk, gk = _deactivate(yk, gk, spec.negative_slope)
     gam = rest.pop(0) if gamma is not None else None
     dev = yk.astype(acc) if bias is None else yk.astype(acc) - rest[0].astype(acc)
     return gk.astype(acc), dev, gam
@@ -412,6 +424,22 @@ def _bwd_from_output(spec: Spec, residuals, g):
   return dx.astype(spec.in_dtype).reshape(shape), d_scale, d_bias, None
 
 
+def _deactivate(a: jax.Array, g: jax.Array, negative_slope: float | None) -> tuple[jax.Array, jax.Array]:
+  """The norm's output and its cotangent, from what the backward kept of the activation and the activation's cotangent.
+
+  A leaky ReLU of slope s > 0 is inverted: ``y = a`` where ``a >= 0``, else
+  ``a / s``, and the cotangent takes the derivative 1 or s. With a ReLU
+  (s = 0) `a` is the norm's output itself; the cotangent is zeroed where
+  ``a <= 0``, as `jax.nn.relu` does.
+  """
+  if negative_slope is None:
+    return a, g
+  if negative_slope == 0:
+    return a, jnp.where(a > 0, g, jnp.zeros((), g.dtype))
+  positive = a >= 0
+  return jnp.where(positive, a, a / negative_slope), jnp.where(positive, g, g * negative_slope)
+
+
 def _constant_over(axes: tuple[int, ...], *params: jax.Array | None) -> bool:
   """Whether every given parameter has size 1 along all of `axes` (is constant over them)."""
   return all(p is None or all(p.shape[a] == 1 for a in axes) for p in params)
@@ -448,6 +476,7 @@ def apply(
     view: tuple[int, ...] | None = None,
     scale_offset: Any = 0.0,
     saved: Any = "input",
+    negative_slope: Any = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
   """Validates the public arguments of the op named `op` and runs `standardize`.
 
@@ -458,7 +487,8 @@ def apply(
   parameter must broadcast to `x` (see `_validation.affine_parameter`).
   `scale_offset` is added to `scale` inside the kernel (see `multiplier`).
   `saved` is what the backward keeps, "input" or "output" (see
-  `_bwd_from_output`). Returns `y`, or with `with_statistics` `(y, mean, var)`, the statistics
+  `_bwd_from_output`); a `negative_slope` adds a leaky ReLU after the
+  affine part (0: ReLU), inside the VJP, and needs ``saved="output"``. Returns `y`, or with `with_statistics` `(y, mean, var)`, the statistics
   squeezed to the non-reduced axes. With `view`, a shape of as many elements
   as `x`, the normalization runs on `x` reshaped to it (which `axes`,
   `param_axes` and `where` refer to) and `y` has `x`'s shape. The statistics are computed by plain
@@ -499,6 +529,7 @@ def apply(
       scale_offset=scale_offset,
       saved=saved,
       in_dtype=x.dtype,
+      negative_slope=None if negative_slope is None else _validation.negative_slope(negative_slope),
   )
   mask = _validation.broadcast_mask(where, vshape)
   if is_complex:

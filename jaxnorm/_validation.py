@@ -216,6 +216,22 @@ def saved(value: Any, *, complex_input: bool = False, custom_vjp: bool = True) -
   return value
 
 
+def negative_slope(value: Any) -> float:
+  """A leaky ReLU's `negative_slope` as a float; raises unless it is a real number in [0, 1].
+
+  Example:
+    >>> from jaxnorm._validation import negative_slope
+    >>> negative_slope(0.01)
+    0.01
+  """
+  slope = real_number(value, "negative_slope")
+  if not 0 <= slope <= 1:
+    raise ValueError(
+        f"`negative_slope` must be in [0, 1] (0 is a ReLU, 0.01 In-Place ABN's leaky ReLU), got {slope!r}."
+    )
+  return slope
+
+
 def static_count(shape: tuple[int, ...], axes: tuple[int, ...], axis_name: Any = None, axis_index_groups: Any = None) -> int:
   """How many values each statistic over `axes` (and the devices of `axis_name`) sees, without a mask.
 

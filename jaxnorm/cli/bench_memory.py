@@ -4,8 +4,10 @@ Models (flax.linen, float32, one jitted training step each: forward,
 backward and an optax Adam update):
 
 * ``resnet``: a ResNet-style CNN on NHWC images: a 3x3 stem, residual blocks
-  of Conv -> BatchNorm -> ReLU -> Conv -> BatchNorm, + skip, ReLU, global
-  average pooling, a Dense classifier, softmax cross-entropy.
+  of Conv -> BatchNorm -> act -> Conv -> BatchNorm, + skip, act, global
+  average pooling, a Dense classifier, softmax cross-entropy; act is a leaky
+  ReLU of slope 0.01, In-Place ABN's, so that its fused form computes the
+  same function.
 * ``transformer``: pre-norm transformer blocks (GPT-2 style): ``x +
   Attention(LayerNorm(x))``, ``x + MLP(LayerNorm(x))``, a final LayerNorm,
   a squared-error loss.
@@ -13,7 +15,10 @@ backward and an optax Adam update):
 Implementations: ``input`` (jaxnorm's linen modules as they are: the
 backward keeps each norm's input), ``output`` (the same with
 ``saved="output"``: it keeps the norm's output, which the next layer keeps
-anyway), ``flax`` (flax.linen's own modules). Each model also runs with
+anyway), ``activated`` (resnet only: ``ActivatedBatchNorm`` for each batch
+norm followed by the activation, whose backward keeps only the activation's
+output; the others with ``saved="output"``), ``flax`` (flax.linen's own
+modules). Each model also runs with
 ``nn.remat`` around every block (``remat``), a common setting. Reported:
 
 * ``temp_bytes``: the compiled step's temporary buffers
@@ -46,7 +51,8 @@ from jaxnorm import linen as jnn
 from jaxnorm.cli import _timing, bench, bench_blocks
 
 SCHEMA = "jaxnorm-memory/1"
-IMPLEMENTATIONS = ("input", "output", "flax")
+IMPLEMENTATIONS = {"resnet": ("input", "output", "activated", "flax"), "transformer": ("input", "output", "flax")}
+SLOPE = 0.01
 MODELS = ("resnet", "transformer")
 BUDGET_BYTES = 16 * 2**30
 
@@ -72,7 +78,13 @@ QUICK = Sizes(batch=2, image=4, channels=4, res_blocks=1, tokens=4, width=8, hea
 def _batch_norm(impl: str) -> nn.Module:
   if impl == "flax":
     return nn.BatchNorm(use_running_average=False)
-  return jnn.BatchNorm(use_running_average=False, saved=impl)
+  return jnn.BatchNorm(use_running_average=False, saved="input" if impl == "input" else "output")
+
+
+def _batch_norm_act(impl: str, x: jax.Array) -> jax.Array:
+  if impl == "activated":
+    return jnn.ActivatedBatchNorm(use_running_average=False, negative_slope=SLOPE)(x)
+  return nn.leaky_relu(_batch_norm(impl)(x), SLOPE)
 
 
 def _layer_norm(impl: str) -> nn.Module:
@@ -85,9 +97,9 @@ class ResBlock(nn.Module):
   @nn.compact
   def __call__(self, x):
     c = x.shape[-1]
-    h = nn.relu(_batch_norm(self.impl)(nn.Conv(c, (3, 3), use_bias=False)(x)))
+    h = _batch_norm_act(self.impl, nn.Conv(c, (3, 3), use_bias=False)(x))
     h = _batch_norm(self.impl)(nn.Conv(c, (3, 3), use_bias=False)(h))
-    return nn.relu(x + h)
+    return nn.leaky_relu(x + h, SLOPE)
 
 
 class ResNet(nn.Module):
@@ -98,7 +110,7 @@ class ResNet(nn.Module):
   @nn.compact
   def __call__(self, x):
     block = nn.remat(ResBlock) if self.remat else ResBlock
-    x = nn.relu(_batch_norm(self.impl)(nn.Conv(self.sizes.channels, (3, 3), use_bias=False)(x)))
+    x = _batch_norm_act(self.impl, nn.Conv(self.sizes.channels, (3, 3), use_bias=False)(x))
     for i in range(self.sizes.res_blocks):
       x = block(self.impl, name=f"block{i}")(x)
     return nn.Dense(10)(jnp.mean(x, (1, 2)))
@@ -203,7 +215,7 @@ def run(*, quick: bool = False, target: str | None = None, repeats: int | None =
       print(f"{model}{' remat' if remat else ''} ...", file=progress, flush=True)
       record: dict[str, Any] = {"model": model, "remat": remat, "results": {}}
       calls, outputs = {}, {}
-      for impl in IMPLEMENTATIONS:
+      for impl in IMPLEMENTATIONS[model]:
         step, args = step_and_args(model, impl, sizes, sizes.batch, remat)
         compiled = _compile(step, args, sharding)
         small, large = (_compile(*step_and_args(model, impl, sizes, k * sizes.batch, remat), sharding) for k in (4, 8))
@@ -212,7 +224,7 @@ def run(*, quick: bool = False, target: str | None = None, repeats: int | None =
           outputs[impl] = compiled(*args)
           calls[impl] = lambda c=compiled, a=args: jax.block_until_ready(c(*a))
       if target is None:
-        for impl in IMPLEMENTATIONS:
+        for impl in IMPLEMENTATIONS[model]:
           record["results"][impl]["grad_rel_diff"] = _rel_diff(outputs[impl][4], outputs["input"][4])
         samples = _timing.interleaved_samples(calls, sizes.warmup, repeats, pause=0.01)
         for impl, s in samples.items():

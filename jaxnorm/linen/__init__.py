@@ -5,7 +5,7 @@ so a checkpoint written with `flax.linen` loads into these modules unchanged.
 """
 
 from jaxnorm.linen._adaln_zero import AdaLNZero
-from jaxnorm.linen._batch_norm import BatchNorm
+from jaxnorm.linen._batch_norm import ActivatedBatchNorm, BatchNorm
 from jaxnorm.linen._batch_renorm import BatchRenorm
 from jaxnorm.linen._dyt import DyT
 from jaxnorm.linen._filter_response_norm import FilterResponseNorm
@@ -22,6 +22,7 @@ from jaxnorm.linen._weight_norm import MeanOnlyBatchNorm, WeightNorm
 
 __all__ = [
     "AdaLNZero",
+    "ActivatedBatchNorm",
     "BatchNorm",
     "BatchRenorm",
     "DyT",

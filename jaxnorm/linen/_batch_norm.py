@@ -150,37 +150,91 @@ class BatchNorm(nn.Module):
     Returns:
       The normalized input, shaped like `x`.
     """
-    x = _validation.floating_input(x, allow_complex=True)
-    feature_axes = _validation.canonical_axes(self.axis, x.ndim, "axis")
-    feature_shape = tuple(x.shape[a] for a in feature_axes)
-    running = RunningStatistics(self, feature_shape, stats_dtype(x.dtype, self.dtype))
-    gamma, beta = affine_parameters(self, feature_shape, use_scale=self.use_scale, use_bias=self.use_bias)
-    modulation = _modulation.arrays(scale, shift)
-    dtype = output_dtype(x, gamma, beta, *modulation, dtype=self.dtype)
-    gamma, beta, _ = _modulation.fold(x.shape, feature_axes, gamma, beta, 0.0, *modulation)
+    return _normalize(self, x, use_running_average, mask, (scale, shift), None)
 
-    if running.tracking:
-      use_running_average = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
-      if use_running_average:
-        return running.normalize(x, feature_axes, gamma, beta, epsilon=self.epsilon, dtype=dtype)
-    reduced = tuple(a for a in range(x.ndim) if a not in feature_axes)
-    count = running.training_count(x.shape, reduced, mask)
 
-    y, mean, var = _batch_norm.with_statistics(
-        x,
-        gamma,
-        beta,
-        feature_axes=feature_axes,
-        axis=None,
-        epsilon=self.epsilon,
-        where=_validation.boolean_mask(mask, "mask", x.shape),
-        # At init the mapped axis need not exist yet, as in flax.
-        axis_name=None if self.is_initializing() else self.axis_name,
-        axis_index_groups=self.axis_index_groups,
-        dtype=dtype,
-        custom_vjp=True,
-        saved=self.saved,
-        initializing=self.is_initializing(),
-    )
-    running.update(mean, var, count)
-    return y
+def _normalize(
+    module: BatchNorm, x: jax.Array, use_running_average: bool | None, mask: Any, modulation: tuple[Any, Any],
+    negative_slope: float | None,
+) -> jax.Array:
+  """`BatchNorm.__call__`, and with a `negative_slope` `ActivatedBatchNorm`'s: a leaky ReLU after it."""
+  x = _validation.floating_input(x, allow_complex=True)
+  feature_axes = _validation.canonical_axes(module.axis, x.ndim, "axis")
+  feature_shape = tuple(x.shape[a] for a in feature_axes)
+  running = RunningStatistics(module, feature_shape, stats_dtype(x.dtype, module.dtype))
+  gamma, beta = affine_parameters(module, feature_shape, use_scale=module.use_scale, use_bias=module.use_bias)
+  modulation = _modulation.arrays(*modulation)
+  dtype = output_dtype(x, gamma, beta, *modulation, dtype=module.dtype)
+  gamma, beta, _ = _modulation.fold(x.shape, feature_axes, gamma, beta, 0.0, *modulation)
+
+  if running.tracking:
+    use_running_average = nn.merge_param("use_running_average", module.use_running_average, use_running_average)
+    if use_running_average:
+      y = running.normalize(x, feature_axes, gamma, beta, epsilon=module.epsilon, dtype=dtype)
+      return y if negative_slope is None else _batch_norm.activation(y, negative_slope)
+  reduced = tuple(a for a in range(x.ndim) if a not in feature_axes)
+  count = running.training_count(x.shape, reduced, mask)
+
+  y, mean, var = _batch_norm.with_statistics(
+      x,
+      gamma,
+      beta,
+      feature_axes=feature_axes,
+      axis=None,
+      epsilon=module.epsilon,
+      where=_validation.boolean_mask(mask, "mask", x.shape),
+      # At init the mapped axis need not exist yet, as in flax.
+      axis_name=None if module.is_initializing() else module.axis_name,
+      axis_index_groups=module.axis_index_groups,
+      dtype=dtype,
+      custom_vjp=True,
+      saved=module.saved,
+      negative_slope=negative_slope,
+      initializing=module.is_initializing(),
+  )
+  running.update(mean, var, count)
+  return y
+
+
+class ActivatedBatchNorm(BatchNorm):
+  r"""`BatchNorm` followed by a leaky ReLU in one VJP that keeps only the activation's output (In-Place ABN).
+
+  .. math::
+      z = \operatorname{leaky\_relu}(\mathrm{BatchNorm}(x), s)
+
+  Same attributes, variables and running statistics as `BatchNorm`, plus
+  `negative_slope` :math:`s` (default 0.01, In-Place ABN's; 0 is a ReLU).
+  In training the backward recovers the batch norm's output from `z` (see
+  `jaxnorm.activated_batch_norm`), so neither the input nor the
+  pre-activation outlives the forward; with a ReLU it keeps the
+  pre-activation. `saved` is always "output". Inference applies the same
+  activation after the running-statistics normalization.
+
+  Example:
+    >>> import jax
+    >>> from jaxnorm import linen as jnn
+    >>> x = jax.random.normal(jax.random.key(0), (8, 4))
+    >>> bn = jnn.ActivatedBatchNorm(use_running_average=False)
+    >>> variables = bn.init(jax.random.key(1), x)
+    >>> z, updates = bn.apply(variables, x, mutable=["batch_stats"])
+    >>> z.shape
+    (8, 4)
+  """
+
+  negative_slope: float = 0.01
+  saved: str = "output"
+
+  @nn.compact
+  def __call__(
+      self,
+      x: jax.Array,
+      use_running_average: bool | None = None,
+      *,
+      mask: jax.Array | None = None,
+      scale: jax.Array | None = None,
+      shift: jax.Array | None = None,
+  ) -> jax.Array:
+    """Batch norm (arguments as `BatchNorm`), then the leaky ReLU."""
+    if self.saved != "output":
+      raise ValueError(f"ActivatedBatchNorm keeps its output: `saved` must be 'output', got {self.saved!r}.")
+    return _normalize(self, x, use_running_average, mask, (scale, shift), _validation.negative_slope(self.negative_slope))

@@ -9,7 +9,7 @@ shared module with `axis_name`) and `nnx.scan`.
 """
 
 from jaxnorm.nnx._adaln_zero import AdaLNZero
-from jaxnorm.nnx._batch_norm import BatchNorm
+from jaxnorm.nnx._batch_norm import ActivatedBatchNorm, BatchNorm
 from jaxnorm.nnx._batch_renorm import BatchRenorm
 from jaxnorm.nnx._dyt import DyT
 from jaxnorm.nnx._filter_response_norm import FilterResponseNorm
@@ -22,6 +22,7 @@ from jaxnorm.nnx._weight_norm import MeanOnlyBatchNorm, WeightNorm
 
 __all__ = [
     "AdaLNZero",
+    "ActivatedBatchNorm",
     "BatchNorm",
     "BatchRenorm",
     "DyT",

@@ -12,7 +12,7 @@ from flax.nnx.nn import dtypes, initializers
 from flax.typing import Axes, Dtype, Initializer, PromoteDtypeFn
 
 import jaxnorm
-from jaxnorm import _validation
+from jaxnorm import _batch_norm, _validation
 from jaxnorm.nnx._affine import NO_METADATA
 from jaxnorm.nnx._running_stats import BatchStatistics
 
@@ -159,4 +159,61 @@ class BatchNorm(BatchStatistics):
         axis_index_groups=self.axis_index_groups,
         dtype=dtype,
         saved=self.saved,
+    )
+
+
+class ActivatedBatchNorm(BatchNorm):
+  r"""`BatchNorm` followed by a leaky ReLU in one VJP that keeps only the activation's output (In-Place ABN).
+
+  .. math::
+      z = \operatorname{leaky\_relu}(\mathrm{BatchNorm}(x), s)
+
+  Same arguments and state as `BatchNorm`, plus `negative_slope` :math:`s`
+  (default 0.01, In-Place ABN's; 0 is a ReLU); `saved` is always "output".
+  In training the backward recovers the batch norm's output from `z` (see
+  `jaxnorm.activated_batch_norm`); inference applies the same activation
+  after the running-statistics normalization.
+
+  Example:
+    >>> import jax
+    >>> from flax import nnx
+    >>> from jaxnorm import nnx as jnnx
+    >>> bn = jnnx.ActivatedBatchNorm(4, rngs=nnx.Rngs(0))
+    >>> bn(jax.random.normal(jax.random.key(0), (8, 4))).shape
+    (8, 4)
+  """
+
+  def __init__(self, num_features: int, *, negative_slope: float = 0.01, saved: str = "output", **kwargs: Any):
+    if saved != "output":
+      raise ValueError(f"ActivatedBatchNorm keeps its output: `saved` must be 'output', got {saved!r}.")
+    super().__init__(num_features, saved="output", **kwargs)
+    self.negative_slope = _validation.negative_slope(negative_slope)
+
+  def __call__(
+      self,
+      x: jax.Array,
+      use_running_average: bool | None = None,
+      *,
+      mask: jax.Array | None = None,
+      scale: jax.Array | None = None,
+      shift: jax.Array | None = None,
+  ) -> jax.Array:
+    """Batch norm (arguments as `BatchNorm`), then the leaky ReLU."""
+    y = self._normalize(x, use_running_average, mask, (scale, shift))
+    # In training the activation ran inside the VJP (`_train`).
+    inference = self._resolve_use_running_average(use_running_average)
+    return _batch_norm.activation(y, self.negative_slope) if inference else y
+
+  def _train(self, x, scale, bias, *, axes, mask, dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
+    return jaxnorm.activated_batch_norm(
+        x,
+        scale,
+        bias,
+        negative_slope=self.negative_slope,
+        feature_axes=axes,
+        epsilon=self.epsilon,
+        where=mask,
+        axis_name=self.axis_name,
+        axis_index_groups=self.axis_index_groups,
+        dtype=dtype,
     )
