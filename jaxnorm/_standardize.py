@@ -376,9 +376,11 @@ def _bwd_from_output(spec: Spec, residuals, g):
   small = [a for a in (gamma, bias) if a is not None]
 
   def terms(tag):
-    # (g, y - bias, gamma) from private copies (see `_platform.private_copies`).
-    yk, gk, *rest = _platform.private_copies(tag, y, g, *small)
-    yk, gk = _deactivate(yk, gk, spec.negative_slope)
+    # (g, y - bias, gamma) from private copies (see `_platform.private_copies`),
+    # the slope too: an inverted activation must differ from tag to tag.
+    slopes = jnp.asarray([spec.negative_slope or 0, 1 / (spec.negative_slope or 1)], acc)
+    yk, gk, slopes, *rest = _platform.private_copies(tag, y, g, slopes, *small)
+    yk, gk = _deactivate(yk, gk, spec.negative_slope, slopes)
     gam = rest.pop(0) if gamma is not None else None
     dev = yk.astype(acc) if bias is None else yk.astype(acc) - rest[0].astype(acc)
     return gk.astype(acc), dev, gam
@@ -424,20 +426,22 @@ def _bwd_from_output(spec: Spec, residuals, g):
   return dx.astype(spec.in_dtype).reshape(shape), d_scale, d_bias, None
 
 
-def _deactivate(a: jax.Array, g: jax.Array, negative_slope: float | None) -> tuple[jax.Array, jax.Array]:
+def _deactivate(a: jax.Array, g: jax.Array, negative_slope: float | None, slopes: jax.Array) -> tuple[jax.Array, jax.Array]:
   """The norm's output and its cotangent, from what the backward kept of the activation and the activation's cotangent.
 
   A leaky ReLU of slope s > 0 is inverted: ``y = a`` where ``a >= 0``, else
   ``a / s``, and the cotangent takes the derivative 1 or s. With a ReLU
   (s = 0) `a` is the norm's output itself; the cotangent is zeroed where
-  ``a <= 0``, as `jax.nn.relu` does.
+  ``a <= 0``, as `jax.nn.relu` does. `slopes` holds s and 1 / s: XLA:CPU
+  keeps a division's result in memory where it fuses a product.
   """
   if negative_slope is None:
     return a, g
   if negative_slope == 0:
     return a, jnp.where(a > 0, g, jnp.zeros((), g.dtype))
   positive = a >= 0
-  return jnp.where(positive, a, a / negative_slope), jnp.where(positive, g, g * negative_slope)
+  a = a.astype(slopes.dtype)
+  return jnp.where(positive, a, a * slopes[1]), jnp.where(positive, g, g * slopes[0].astype(g.dtype))
 
 
 def _constant_over(axes: tuple[int, ...], *params: jax.Array | None) -> bool:
