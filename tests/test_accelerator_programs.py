@@ -196,3 +196,15 @@ def test_one_export_for_every_platform_compiles_to_each_ones_program(programs, t
   for mode, got in programs["exported"][target].items():
     assert not got["barrier"], mode
     assert got["kernels"] == direct[mode]["kernels"], (mode, got, direct[mode])
+
+
+def test_h100_saved_output_frees_one_activation_per_layer(programs):
+  """H100's buffer assignment, per layer of Dense -> batch norm -> leaky ReLU: the default keeps 3 activations
+  (x, y and the activation's output), saved="output" 2 (y, z), activated_batch_norm 1 (z, which the next Dense keeps)."""
+  per_layer = {k: v[1] - v[0] for k, v in programs["saved_output_chain"]["h100"].items()}
+  assert per_layer["output"] <= per_layer["input"] - 0.9, per_layer
+  assert per_layer["activated"] <= 1.1, per_layer
+
+
+def test_tpu_compiles_the_backward_from_the_output(programs):
+  assert set(programs["saved_output_chain"]["tpu-v5e"]) == {"input", "output", "activated"}

@@ -272,3 +272,53 @@ def test_the_compiled_chain_no_longer_keeps_the_input():
   per_layer = {saved: _chain_temp(saved, 3) - _chain_temp(saved, 2) for saved in ("input", "output")}
   assert per_layer["input"] > 1.9, per_layer
   assert per_layer["output"] < 1.1, per_layer
+
+
+@pytest.mark.parametrize("slope", [0.01, 0.0])
+def test_activated_batch_norm_is_batch_norm_then_leaky_relu(slope):
+  """Values and gradients of `activated_batch_norm` equal float64 autodiff of the composition, masked and per example."""
+  act = jax.nn.relu if slope == 0 else (lambda y: jax.nn.leaky_relu(y, slope))
+  mask = np.broadcast_to(np.arange(IMG[2]) < 3, IMG[:3])[..., None]
+  for scale, bias, where in ((*PER_FEATURE, None), (*PER_EXAMPLE, mask)):
+    z, g = _vjp(lambda x, s, b: jaxnorm.activated_batch_norm(x, s, b, negative_slope=slope, epsilon=EPS, where=where)[0],
+                X, scale, bias)
+    z_ref, g_ref = _vjp(lambda x, s, b: act(_reference("batch", x, s, b, where)), X, scale, bias)
+    np.testing.assert_allclose(z, z_ref, rtol=1e-12, atol=1e-12)
+    assert _max_rel(g, g_ref) < 1e-12, (slope, where is None)
+  check_grads(lambda x, s, b: jaxnorm.activated_batch_norm(x, s, b, negative_slope=0.2)[0],
+              (X[:2, :2], *PER_FEATURE), order=2, modes=["rev"])
+
+
+def test_activated_modules_are_batch_norm_then_the_activation():
+  x = jnp.float32(X)
+  ct = jnp.float32(CT)
+  act = lambda y: jax.nn.leaky_relu(y, 0.1)
+  fused, plain = jnn.ActivatedBatchNorm(negative_slope=0.1), jnn.BatchNorm()
+  variables = fused.init(jax.random.key(0), x, use_running_average=False)
+
+  def loss(params, x, module, after):
+    z, updates = module.apply({**variables, "params": params}, x, use_running_average=False, mutable=["batch_stats"])
+    return jnp.sum(after(z) * ct), updates
+
+  (g, updates), (g_ref, updates_ref) = (
+      jax.grad(loss, (0, 1), has_aux=True)(variables["params"], x, m, a) for m, a in ((fused, lambda z: z), (plain, act))
+  )
+  assert _max_rel(g, g_ref) < 2e-6 and _max_rel(updates, updates_ref) == 0
+  trained = {**variables, **updates}
+  np.testing.assert_allclose(fused.apply(trained, x, use_running_average=True), act(plain.apply(trained, x, use_running_average=True)))
+  a, b = jnnx.ActivatedBatchNorm(8, negative_slope=0.0, rngs=nnx.Rngs(0)), jnnx.BatchNorm(8, rngs=nnx.Rngs(0))
+  g_a = nnx.grad(lambda m, x: jnp.sum(m(x) * ct), argnums=(0, 1))(a, x)
+  g_b = nnx.grad(lambda m, x: jnp.sum(jax.nn.relu(m(x)) * ct), argnums=(0, 1))(b, x)
+  assert _max_rel(g_a[1], g_b[1]) < 2e-6
+  np.testing.assert_array_equal(a.mean[...], b.mean[...])
+  a.eval(), b.eval()
+  np.testing.assert_array_equal(a(x), jax.nn.relu(b(x)))
+
+
+def test_activated_errors():
+  with pytest.raises(ValueError, match="`negative_slope` must be in"):
+    jaxnorm.activated_batch_norm(X, negative_slope=-0.1)
+  with pytest.raises(ValueError, match="ActivatedBatchNorm keeps its output"):
+    jnnx.ActivatedBatchNorm(8, saved="input", rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="ActivatedBatchNorm keeps its output"):
+    jnn.ActivatedBatchNorm(saved="input").init(jax.random.key(0), X, use_running_average=False)
