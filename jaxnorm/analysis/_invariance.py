@@ -243,7 +243,7 @@ def invariance_table(
     seed: NumPy seed of the draw.
 
   Returns:
-    `{method: {transformation: max abs change}}` of Python floats, in the
+    ``{method: {transformation: max abs change}}`` of Python floats, in the
     given orders (`pandas.DataFrame(table).T` is the paper's layout).
 
   Example:
