@@ -71,7 +71,8 @@ class SpectralNorm(nn.Module):
     """Runs `layer_instance(*args, **kwargs)` with its parameters spectrally normalized.
 
     Args:
-      *args, **kwargs: passed to the wrapped layer.
+      *args: passed to the wrapped layer.
+      **kwargs: passed to the wrapped layer.
       update_stats: store the refined `u` and the new `sigma`.
 
     Returns:
