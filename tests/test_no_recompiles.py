@@ -70,6 +70,7 @@ IMG = (2, 3, 3, 4)  # N, H, W, C
 C = IMG[-1]
 
 FUNCTIONAL = {
+    "activated_batch_norm": lambda i: jaxnorm.activated_batch_norm(_data(i, *X), jnp.ones(3), jnp.zeros(3)),
     "batch_norm": lambda i: jaxnorm.batch_norm(_data(i, *X), jnp.ones(3), jnp.zeros(3)),
     "batch_renorm": lambda i: jaxnorm.batch_renorm(
         _data(i, *X), jnp.ones(3), jnp.zeros(3), jnp.zeros(3), jnp.ones(3), r_max=3.0, d_max=5.0
@@ -132,6 +133,7 @@ def test_gradient_compiles_once(name):
 # --- linen modules: init once, then `apply` in a loop (training updates where the module has state). ------
 
 LINEN = {
+    "ActivatedBatchNorm": (lambda: jnn.ActivatedBatchNorm(use_running_average=False), X),
     "AdaLNZero": (jnn.AdaLNZero, X),
     "BatchNorm": (lambda: jnn.BatchNorm(use_running_average=False), X),
     "BatchRenorm": (lambda: jnn.BatchRenorm(use_running_average=False), X),
@@ -206,6 +208,7 @@ def test_precise_batch_stats_compiles_per_call_not_per_batch():
 def _nnx_cases():
   rngs = nnx.Rngs(0)
   return {
+      "ActivatedBatchNorm": (lambda: jnnx.ActivatedBatchNorm(3, rngs=rngs), X),
       "AdaLNZero": (lambda: jnnx.AdaLNZero(3, 2, rngs=rngs), X),
       "BatchNorm": (lambda: jnnx.BatchNorm(3, rngs=rngs), X),
       "BatchRenorm": (lambda: jnnx.BatchRenorm(3, rngs=rngs), X),

@@ -72,6 +72,7 @@ def _params(n, dtype):
 
 # name -> (shape, mask axis or None, op(x, mask, dtype)): masked positions hold NaN and inf.
 OPS = {
+    "activated_batch_norm": (X, 0, lambda x, m, d: jaxnorm.activated_batch_norm(x, *_params(6, d), where=m)[0]),
     "batch_norm": (X, 0, lambda x, m, d: jaxnorm.batch_norm(x, *_params(6, d), where=m)[0]),
     "batch_renorm": (X, 0, lambda x, m, d: jaxnorm.batch_renorm(
         x, *_params(6, d), jnp.zeros(6, d), jnp.ones(6, d), r_max=3.0, d_max=5.0, where=m)[0]),
