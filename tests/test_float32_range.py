@@ -15,8 +15,12 @@ def _rows(magnitude, n):
 def test_range_is_documented_for_users():
   doc = jaxnorm.moments.__doc__
   assert "Range:" in doc and "sqrt(3.4e38 / n)" in doc and "float64" in doc
-  readme = open(__file__.rsplit("/tests/", 1)[0] + "/README.md").read()
+  root = __file__.rsplit("/tests/", 1)[0]
+  readme = open(root + "/README.md").read()
   assert "1.8e19 / sqrt(n)" in readme
+  # The full statement (its cause, what happens beyond it, the remedy) is in the numerics guide.
+  guide = open(root + "/docs/guides/numerics.md").read()
+  assert "1.8e19 / sqrt(n)" in guide and "jax_enable_x64" in guide and "collapses to the bias" in guide
 
 
 def test_inside_the_range_float32_statistics_are_exact():

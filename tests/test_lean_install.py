@@ -10,6 +10,7 @@ check is against what flax alone loads).
 
 import json
 import pathlib
+import re
 import subprocess
 import sys
 import tomllib
@@ -52,14 +53,19 @@ def test_runtime_dependencies_are_the_lean_list():
   extras = project["optional-dependencies"]
   assert {"tour", "notebooks", "test", "compilers"} <= set(extras)
   # The test extra covers every other extra (the suite runs the tour, the
-  # notebooks and the benchmarks), except the compilers: the accelerator tests
-  # skip without them, and the README's test command installs both.
+  # notebooks and the benchmarks), except the compilers and the docs: the
+  # accelerator tests and the docs build skip without them, and the README's
+  # test command installs all three.
+  assert "docs" in extras
   test = set(extras["test"])
   for name, deps in extras.items():
-    if name != "compilers":
+    if name not in ("compilers", "docs"):
       assert set(deps) <= test, f"extra {name!r} has {sorted(set(deps) - test)} missing from 'test'"
   assert not set(extras["compilers"]) & test
   readme = (ROOT / "README.md").read_text()
-  assert 'pip install ".[test,compilers]" && python -m pytest' in readme
+  test_command = readme.split("<!-- ci: test command -->", 1)[1].split("```bash\n", 1)[1].split("\n", 1)[0]
+  installed = re.fullmatch(r'pip install "\.\[([a-z,]+)\]" && python -m pytest.*', test_command)
+  assert installed, test_command
+  assert {"test", "compilers", "docs"} <= set(installed.group(1).split(","))
   assert "torch==2.13.0" in test
   assert not any(d.startswith("torch") for d in extras["notebooks"])

@@ -1,4 +1,9 @@
-"""The README's examples run as written, and its commands are the ones CI runs."""
+"""The README's examples run as written, and its commands are the ones CI runs.
+
+The README is the front door: one example, and links into the guides
+(`docs/guides/*.md`), which carry the rest of the examples. Every ```python
+block of the README and of the guides runs here, each on its own.
+"""
 
 import json
 import os
@@ -7,8 +12,12 @@ import re
 import subprocess
 import sys
 
-README = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
-BLOCKS = re.findall(r"```python\n(.*?)```", README, re.S)
+ROOT = pathlib.Path(__file__).parents[1]
+README = (ROOT / "README.md").read_text()
+GUIDES = {p.relative_to(ROOT).as_posix(): p.read_text() for p in sorted((ROOT / "docs" / "guides").glob("*.md"))}
+PAGES = {"README.md": README, **GUIDES}
+BLOCKS = [(page, i, block) for page, text in PAGES.items()
+          for i, block in enumerate(re.findall(r"```python\n(.*?)```", text, re.S))]
 
 # One fresh interpreter runs every block, each in a namespace of its own, so a
 # block that leans on a name or an import of an earlier one fails here as it
@@ -20,19 +29,19 @@ import json, sys, traceback
 import numpy as np
 blocks = json.loads(sys.stdin.read())
 report = []
-for i, block in enumerate(blocks):
+for page, i, block in blocks:
   namespace = {"__name__": "__main__"}
   try:
-    exec(compile(block, f"README.md python block {i + 1}", "exec"), namespace)
+    exec(compile(block, f"{page} python block {i + 1}", "exec"), namespace)
   except Exception:
-    report.append({"error": traceback.format_exc()})
+    report.append({"page": page, "block": i + 1, "error": traceback.format_exc()})
     continue
   values = {}
   for name in ("grads", "hess", "y_dot", "logits", "loss", "accuracy", "y2"):
     if name in namespace:
       a = np.asarray(namespace[name], np.float64)
       values[name] = {"shape": list(a.shape), "max_abs": float(np.max(np.abs(a))) if a.size else 0.0}
-  report.append({"error": None, "values": values})
+  report.append({"page": page, "block": i + 1, "error": None, "values": values})
 print(json.dumps(report))
 """
 
@@ -48,31 +57,61 @@ def _run_blocks():
 
 
 def test_each_python_example_runs_alone():
-  assert len(BLOCKS) >= 5
+  pages_with_blocks = {page for page, _, _ in BLOCKS}
+  # The README keeps its own example; the guides carry the others.
+  assert "README.md" in pages_with_blocks
+  assert {"docs/guides/getting_started.md", "docs/guides/flax.md", "docs/guides/models.md",
+          "docs/guides/devices.md", "docs/guides/performance.md"} <= pages_with_blocks
+  assert len(BLOCKS) >= 8
   report = _run_blocks()
-  failed = {i + 1: r["error"] for i, r in enumerate(report) if r["error"]}
-  assert not failed, "README python blocks failed when run alone:\n" + "\n".join(f"block {i}:\n{e}" for i, e in failed.items())
+  assert len(report) == len(BLOCKS)
+  failed = {f"{r['page']} block {r['block']}": r["error"] for r in report if r["error"]}
+  assert not failed, "python blocks failed when run alone:\n" + "\n".join(f"{k}:\n{e}" for k, e in failed.items())
   values = {}
   for r in report:
-    values.update(r["values"])
+    values.setdefault(r["page"], {}).update(r["values"])
+  # The README's own example builds a flax model and applies it.
+  assert values["README.md"]["logits"]["shape"] == [32, 10]
   # The gradient examples must differentiate a loss that depends on the input
   # (the sum of a normalized output is identically 0, and so is its gradient).
-  assert values["grads"]["shape"] == [32, 128] and values["grads"]["max_abs"] > 1e-3
-  assert values["hess"]["shape"] == [128, 128] and values["hess"]["max_abs"] > 1e-3
-  assert values["y_dot"]["shape"] == [32, 128] and values["y_dot"]["max_abs"] > 1e-3
-  assert values["logits"]["shape"] in ([32, 10], [64, 10])
-  assert 0.0 <= values["accuracy"]["max_abs"] <= 1.0
+  functional = values["docs/guides/getting_started.md"]
+  assert functional["grads"]["shape"] == [32, 128] and functional["grads"]["max_abs"] > 1e-3
+  assert functional["hess"]["shape"] == [128, 128] and functional["hess"]["max_abs"] > 1e-3
+  assert functional["y_dot"]["shape"] == [32, 128] and functional["y_dot"]["max_abs"] > 1e-3
+  flax_guide = values["docs/guides/flax.md"]
+  assert flax_guide["logits"]["shape"] in ([32, 10], [64, 10])
+  assert 0.0 <= flax_guide["accuracy"]["max_abs"] <= 1.0
+  assert values["docs/guides/devices.md"]["y2"]["shape"] == [64, 128]
 
 
 def test_readme_mentions_what_first_models_trip_on():
   assert "mutable=[\"batch_stats\"]" in README and "optax" in README and "from flax import nnx" in README
   assert "58.9%" in README and "96.2%" in README and "precise_batch_stats" in README
+  # The full training step (optax, precise_batch_stats) and the nnx model are
+  # in the flax guide, which the README links.
+  flax_guide = GUIDES["docs/guides/flax.md"]
+  assert "docs/guides/flax.md" in README
+  assert "mutable=[\"batch_stats\"]" in flax_guide and "optax.adam" in flax_guide and "from flax import nnx" in flax_guide
+  assert "58.9%" in flax_guide and "96.2%" in flax_guide and "jnn.precise_batch_stats(" in flax_guide
   # jax.hessian works through the custom VJP; only forward mode does not.
-  assert not re.search(r"hessian[^\n]*\)? cannot pass", README)
+  for page, text in PAGES.items():
+    assert not re.search(r"hessian[^\n]*\)? cannot pass", text), page
+
+
+def test_readme_links_resolve():
+  # The README links into the docs by relative paths, so that they work on
+  # GitHub without a hosted site: each must name a file or folder of the repository.
+  links = [link.split("#", 1)[0] for link in re.findall(r"\]\(([^)\s]+)\)", README)
+           if not re.match(r"[a-z]+:", link) and not link.startswith("#")]
+  assert links
+  missing = [link for link in links if not (ROOT / link).exists()]
+  assert not missing, f"README links to missing paths: {missing}"
+  for guide in GUIDES:
+    assert guide in README, f"README does not link {guide}"
 
 
 def test_ci_runs_the_readme_test_command():
-  script = (pathlib.Path(__file__).parents[1] / ".ci" / "run").read_text()
+  script = (ROOT / ".ci" / "run").read_text()
   assert "<!-- ci: test command -->" in script
   for marker in ("<!-- ci: main command -->", "<!-- ci: test command -->"):
     command = README.split(marker, 1)[1].split("```bash\n", 1)[1].split("\n", 1)[0]
