@@ -40,7 +40,8 @@ def test_capacity_is_read_from_the_slope():
 
 
 @pytest.mark.parametrize("name", ["memory.json", "memory-h100.json"])
-def test_the_committed_reports_format(name):
+def test_the_committed_reports_format(name, monkeypatch):
+  monkeypatch.setenv("COLUMNS", "200")  # one table, not split to the terminal's width
   report = json.loads((pathlib.Path(__file__).parents[1] / "benchmarks" / name).read_text())
   assert report["schema"] == bench_memory.SCHEMA
   text = bench_memory.format_report(report)

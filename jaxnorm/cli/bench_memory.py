@@ -259,5 +259,5 @@ def format_report(report: dict[str, Any]) -> str:
       rows.append(row)
   budget = report["sizes"]["budget_bytes"] / 2**30
   lines = [*report["header"], "", f"max batch: the largest batch whose temporaries and arguments fit {budget:.0f} GiB."]
-  lines += _timing.table(head, rows, [False, False] + [True] * (len(head) - 2))
+  lines += _timing.table(head, rows, [False, False] + [True] * (len(head) - 2), keep=2)
   return "\n".join(lines)
