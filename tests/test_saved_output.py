@@ -326,3 +326,25 @@ def test_activated_errors():
     jnnx.ActivatedBatchNorm(8, saved="input", rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="ActivatedBatchNorm keeps its output"):
     jnn.ActivatedBatchNorm(saved="input").init(jax.random.key(0), X, use_running_average=False)
+
+
+def test_adaln_zero_takes_it():
+  """DiT's AdaLNZero: the same gradients (parameters drawn away from their zero init, so that they are not trivial)."""
+  x = jnp.float32(X.reshape(3, 16, 8))
+  c = jnp.float32(_rng.normal(size=(3, 5)))
+  grads = {}
+  for saved in ("input", "output"):
+    layer = jnn.AdaLNZero(saved=saved)
+    params = jax.tree.map(lambda a: a + 0.1, layer.init(jax.random.key(0), x, c)["params"])
+    grads["linen", saved] = jax.grad(
+        lambda p, x: _total(layer.apply({"params": p}, x, c)), (0, 1))(params, x)
+    model = jnnx.AdaLNZero(8, 5, saved=saved, rngs=nnx.Rngs(0))
+    model.modulation.bias[...] = model.modulation.bias[...] + 0.1
+    grads["nnx", saved] = nnx.grad(lambda m, x: _total(m(x, c)), argnums=(0, 1))(model, x)[1]
+  for api in ("linen", "nnx"):
+    assert _max_rel(grads[api, "output"], grads[api, "input"]) < 2e-6, api
+
+
+def _total(out):
+  y, gate = out
+  return jnp.sum(y * jnp.float32(CT.reshape(3, 16, 8))) + jnp.sum(gate)

@@ -26,7 +26,9 @@ class AdaLNZero(nn.Module):
   (broadcast over the sequence or spatial axes); the modulated norm runs in
   jaxnorm's hand-derived VJP, which saves nothing full-size but `x`, where
   the composition ``LayerNorm(x) * (1 + s) + t`` keeps the normalized `x` as
-  well. A DiT block uses two (before attention and before the MLP):
+  well; with ``saved="output"`` it keeps `y` instead, which the next Dense
+  keeps anyway (see `jaxnorm.layer_norm`). A DiT block uses two (before
+  attention and before the MLP):
 
   .. code-block:: python
 
@@ -51,6 +53,7 @@ class AdaLNZero(nn.Module):
   epsilon: float = 1e-6
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
+  saved: str = "input"
 
   @nn.compact
   def __call__(self, x: jax.Array, c: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -67,5 +70,5 @@ class AdaLNZero(nn.Module):
     )
     shift, scale, gate = _modulation.adaln_chunks(dense(nn.silu(c)), x, c)
     dtype = _validation.promoted_dtype(x, shift, dtype=self.dtype)
-    y = jaxnorm.layer_norm(x, scale, shift, epsilon=self.epsilon, scale_offset=1.0, dtype=dtype)
+    y = jaxnorm.layer_norm(x, scale, shift, epsilon=self.epsilon, scale_offset=1.0, dtype=dtype, saved=self.saved)
     return y, gate

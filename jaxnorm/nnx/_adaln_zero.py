@@ -25,8 +25,9 @@ class AdaLNZero(nnx.Module):
   starts as the identity. Returns ``(y, g)``; the gate :math:`g` is for the
   residual branch. :math:`s, t, g` are per example (broadcast over the
   sequence or spatial axes); the modulated norm runs in jaxnorm's
-  hand-derived VJP, which saves nothing full-size but `x`. The same layer as
-  `jaxnorm.linen.AdaLNZero`.
+  hand-derived VJP, which saves nothing full-size but `x` (or, with
+  ``saved="output"``, `y`, which the next layer keeps anyway). The same layer
+  as `jaxnorm.linen.AdaLNZero`.
 
   Example:
     >>> import jax.numpy as jnp
@@ -47,7 +48,9 @@ class AdaLNZero(nnx.Module):
       dtype: Dtype | None = None,
       param_dtype: Dtype = jnp.float32,
       rngs: nnx.Rngs,
+      saved: str = "input",
   ):
+    self.saved = _validation.saved(saved)
     self.modulation = nnx.Linear(
         cond_features,
         3 * num_features,
@@ -71,5 +74,5 @@ class AdaLNZero(nnx.Module):
       )
     shift, scale, gate = _modulation.adaln_chunks(self.modulation(nnx.silu(c)), x, c)
     dtype = _validation.promoted_dtype(x, shift, dtype=self.dtype)
-    y = jaxnorm.layer_norm(x, scale, shift, epsilon=self.epsilon, scale_offset=1.0, dtype=dtype)
+    y = jaxnorm.layer_norm(x, scale, shift, epsilon=self.epsilon, scale_offset=1.0, dtype=dtype, saved=self.saved)
     return y, gate
