@@ -115,7 +115,8 @@ class Spec:
   # cannot read from a saved `x`.
   in_dtype: np.dtype | None = None
   # With a number here, a leaky ReLU of this slope (0: ReLU) follows the
-  # affine part, inside the VJP (In-Place ABN; see `_activate`).
+  # affine part, inside the VJP (In-Place ABN; see `_forward` and
+  # `_deactivate`). Only with saved == "output".
   negative_slope: float | None = None
 
 
@@ -519,6 +520,8 @@ def apply(
   acc_dtype = _validation.accumulation_dtype(x.dtype, out_dtype, *(p.dtype for p in params if p is not None))
   is_complex = bool(jnp.issubdtype(acc_dtype, jnp.complexfloating))
   saved = _validation.saved(saved, complex_input=is_complex, custom_vjp=custom_vjp)
+  if negative_slope is not None and saved != "output":
+    raise ValueError(f"an activation inside the VJP (`negative_slope`) needs saved='output', got saved={saved!r}.")
   spec = Spec(
       axes=axes,
       centered=centered,
