@@ -61,12 +61,14 @@ def batch_norm(
       and `jax.hessian` work through the custom VJP).
     saved: what the backward keeps of this norm: "input" (`x`, the default)
       or "output" (`y`, the array returned, from which x-hat is recovered
-      as :math:`(y - \beta) / (o + \gamma)`), so that `x` can be freed
-      after the forward where the next layer keeps `y` anyway. With
-      "output" a multiplier smaller than `epsilon` in magnitude is taken as
-      :math:`\pm\epsilon` (In-Place ABN's rule; the gradient wrt `scale`
-      stays :math:`\sum g \hat x`), and x-hat carries the rounding of `y`
-      in its dtype. Real inputs and the custom VJP only.
+      as :math:`(y - \beta) / \gamma`, or :math:`/ (o + \gamma)` with a
+      `scale_offset` :math:`o`), so that `x` can be freed after the forward
+      where the next layer keeps `y` anyway. With "output" a multiplier
+      smaller than `epsilon` in magnitude is taken as :math:`\pm\epsilon`
+      (In-Place ABN's rule; the gradient wrt `scale` stays
+      :math:`\sum g \hat x`), and x-hat carries the rounding of `y` in its
+      dtype. Real inputs and the custom VJP only. The same in every op that
+      takes it.
 
   Degenerate batches, the one rule of this op and the `BatchNorm` modules
   (linen and nnx) in training: a single value per feature (e.g. one example

@@ -135,14 +135,8 @@ def group_norm(
       (the multiplier is :math:`o + \gamma`; 1 for a zero-centred scale).
     dtype: output dtype; defaults to `x.dtype`.
     custom_vjp: if False, plain autodiff of the same forward (for forward mode).
-    saved: what the backward keeps of this norm: "input" (`x`, the default)
-      or "output" (`y`, the array returned, from which x-hat is recovered
-      as :math:`(y - \beta) / (o + \gamma)`), so that `x` can be freed
-      after the forward where the next layer keeps `y` anyway. With
-      "output" a multiplier smaller than `epsilon` in magnitude is taken as
-      :math:`\pm\epsilon` (In-Place ABN's rule; the gradient wrt `scale`
-      stays :math:`\sum g \hat x`), and x-hat carries the rounding of `y`
-      in its dtype. Real inputs and the custom VJP only.
+    saved: "input" (default) or "output": what the backward keeps (see
+      `batch_norm`).
 
   Returns:
     `y`, shaped like `x`.
@@ -215,14 +209,8 @@ def instance_norm(
       (the multiplier is :math:`o + \gamma`; 1 for a zero-centred scale).
     dtype: output dtype; defaults to `x.dtype`.
     custom_vjp: if False, plain autodiff of the same forward (for forward mode).
-    saved: what the backward keeps of this norm: "input" (`x`, the default)
-      or "output" (`y`, the array returned, from which x-hat is recovered
-      as :math:`(y - \beta) / (o + \gamma)`), so that `x` can be freed
-      after the forward where the next layer keeps `y` anyway. With
-      "output" a multiplier smaller than `epsilon` in magnitude is taken as
-      :math:`\pm\epsilon` (In-Place ABN's rule; the gradient wrt `scale`
-      stays :math:`\sum g \hat x`), and x-hat carries the rounding of `y`
-      in its dtype. Real inputs and the custom VJP only.
+    saved: "input" (default) or "output": what the backward keeps (see
+      `batch_norm`).
 
   Returns:
     `y`, shaped like `x`.

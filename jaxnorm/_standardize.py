@@ -375,13 +375,13 @@ def _bwd_from_output(spec: Spec, residuals, g):
   acc = spec.acc_dtype
   gamma = multiplier(scale, spec)
   small = [a for a in (gamma, bias) if a is not None]
+  slopes = jnp.asarray([spec.negative_slope or 0, 1 / (spec.negative_slope or 1)], acc)
 
   def terms(tag):
     # (g, y - bias, gamma) from private copies (see `_platform.private_copies`),
-    # the slope too: an inverted activation must differ from tag to tag.
-    slopes = jnp.asarray([spec.negative_slope or 0, 1 / (spec.negative_slope or 1)], acc)
-    yk, gk, slopes, *rest = _platform.private_copies(tag, y, g, slopes, *small)
-    yk, gk = _deactivate(yk, gk, spec.negative_slope, slopes)
+    # the slopes too: an inverted activation must differ from tag to tag.
+    yk, gk, slopes_k, *rest = _platform.private_copies(tag, y, g, slopes, *small)
+    yk, gk = _deactivate(yk, gk, spec.negative_slope, slopes_k)
     gam = rest.pop(0) if gamma is not None else None
     dev = yk.astype(acc) if bias is None else yk.astype(acc) - rest[0].astype(acc)
     return gk.astype(acc), dev, gam

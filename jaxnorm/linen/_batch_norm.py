@@ -88,12 +88,8 @@ class BatchNorm(nn.Module):
   are often initialized with one dummy example); with a `mask` the count is
   not static and is not checked.
 
-  `saved` ("input", the default, or "output"): what the backward keeps.
-  With "output" it keeps the returned `y` and recovers x-hat from it, so
-  that `x` can be freed after the forward when the next layer keeps `y`
-  anyway (see `jaxnorm.layer_norm` for its limits: a multiplier below
-  `epsilon` in magnitude is taken as ``±epsilon``, and x-hat carries the
-  rounding of `y`).
+  `saved` ("input", the default, or "output"): what the backward keeps, as
+  in `jaxnorm.batch_norm` ("output" lets `x` be freed after the forward).
 
   Example:
     >>> import jax, jax.numpy as jnp

@@ -56,12 +56,8 @@ class GroupNorm(nn.Module):
   ``scale=``/``shift=`` of a diffusion UNet's ResBlock (guided-diffusion's
   ``use_scale_shift_norm``): ``y = norm(x) * (1 + scale) + shift``.
 
-  `saved` ("input", the default, or "output"): what the backward keeps.
-  With "output" it keeps the returned `y` and recovers x-hat from it, so
-  that `x` can be freed after the forward when the next layer keeps `y`
-  anyway (see `jaxnorm.layer_norm` for its limits: a multiplier below
-  `epsilon` in magnitude is taken as ``±epsilon``, and x-hat carries the
-  rounding of `y`).
+  `saved` ("input", the default, or "output"): what the backward keeps, as
+  in `jaxnorm.batch_norm` ("output" lets `x` be freed after the forward).
 
   Example:
     >>> import jax
@@ -167,12 +163,8 @@ class InstanceNorm(nn.Module):
   ignored). Beyond flax, as `GroupNorm`: `scale_offset` and the call-time
   ``scale=``/``shift=``.
 
-  `saved` ("input", the default, or "output"): what the backward keeps.
-  With "output" it keeps the returned `y` and recovers x-hat from it, so
-  that `x` can be freed after the forward when the next layer keeps `y`
-  anyway (see `jaxnorm.layer_norm` for its limits: a multiplier below
-  `epsilon` in magnitude is taken as ``±epsilon``, and x-hat carries the
-  rounding of `y`).
+  `saved` ("input", the default, or "output"): what the backward keeps, as
+  in `jaxnorm.batch_norm` ("output" lets `x` be freed after the forward).
 
   Example:
     >>> import jax

@@ -73,12 +73,8 @@ class LayerNorm(nn.Module):
   modulation enters the same hand-derived VJP, which saves nothing
   full-size but `x`.
 
-  `saved` ("input", the default, or "output"): what the backward keeps.
-  With "output" it keeps the returned `y` and recovers x-hat from it, so
-  that `x` can be freed after the forward when the next layer keeps `y`
-  anyway (see `jaxnorm.layer_norm` for its limits: a multiplier below
-  `epsilon` in magnitude is taken as ``±epsilon``, and x-hat carries the
-  rounding of `y`).
+  `saved` ("input", the default, or "output"): what the backward keeps, as
+  in `jaxnorm.batch_norm` ("output" lets `x` be freed after the forward).
 
   Example:
     >>> import jax
@@ -146,12 +142,8 @@ class RMSNorm(nn.Module):
   parameter tree as Gemma's RMSNorm) and the call-time ``scale=`` :math:`s`
   and ``shift=`` :math:`t`.
 
-  `saved` ("input", the default, or "output"): what the backward keeps.
-  With "output" it keeps the returned `y` and recovers x-hat from it, so
-  that `x` can be freed after the forward when the next layer keeps `y`
-  anyway (see `jaxnorm.layer_norm` for its limits: a multiplier below
-  `epsilon` in magnitude is taken as ``±epsilon``, and x-hat carries the
-  rounding of `y`).
+  `saved` ("input", the default, or "output"): what the backward keeps, as
+  in `jaxnorm.batch_norm` ("output" lets `x` be freed after the forward).
 
   Example:
     >>> import jax

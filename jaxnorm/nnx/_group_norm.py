@@ -57,12 +57,8 @@ class GroupNorm(nnx.Module):
   ``scale=``/``shift=`` of a diffusion UNet's ResBlock (guided-diffusion's
   ``use_scale_shift_norm``): ``y = norm(x) * (1 + scale) + shift``.
 
-  `saved` ("input", the default, or "output"): what the backward keeps.
-  With "output" it keeps the returned `y` and recovers x-hat from it, so
-  that `x` can be freed after the forward when the next layer keeps `y`
-  anyway (see `jaxnorm.layer_norm` for its limits: a multiplier below
-  `epsilon` in magnitude is taken as ``±epsilon``, and x-hat carries the
-  rounding of `y`).
+  `saved` ("input", the default, or "output"): what the backward keeps, as
+  in `jaxnorm.batch_norm` ("output" lets `x` be freed after the forward).
 
   Example:
     >>> import jax
@@ -188,12 +184,8 @@ class InstanceNorm(nnx.Module):
   variance (`use_fast_variance` is accepted and ignored). Beyond flax, as
   `GroupNorm`: `scale_offset` and the call-time ``scale=``/``shift=``.
 
-  `saved` ("input", the default, or "output"): what the backward keeps.
-  With "output" it keeps the returned `y` and recovers x-hat from it, so
-  that `x` can be freed after the forward when the next layer keeps `y`
-  anyway (see `jaxnorm.layer_norm` for its limits: a multiplier below
-  `epsilon` in magnitude is taken as ``±epsilon``, and x-hat carries the
-  rounding of `y`).
+  `saved` ("input", the default, or "output"): what the backward keeps, as
+  in `jaxnorm.batch_norm` ("output" lets `x` be freed after the forward).
 
   Example:
     >>> import jax, jax.numpy as jnp

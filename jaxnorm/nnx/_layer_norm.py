@@ -62,12 +62,8 @@ class LayerNorm(nnx.Module):
   ``shift=`` (per example or position; see `AdaLNZero` for DiT's block),
   inside the same hand-derived VJP.
 
-  `saved` ("input", the default, or "output"): what the backward keeps.
-  With "output" it keeps the returned `y` and recovers x-hat from it, so
-  that `x` can be freed after the forward when the next layer keeps `y`
-  anyway (see `jaxnorm.layer_norm` for its limits: a multiplier below
-  `epsilon` in magnitude is taken as ``±epsilon``, and x-hat carries the
-  rounding of `y`).
+  `saved` ("input", the default, or "output"): what the backward keeps, as
+  in `jaxnorm.batch_norm` ("output" lets `x` be freed after the forward).
 
   Example:
     >>> import jax
@@ -161,12 +157,8 @@ class RMSNorm(nnx.Module):
   the RMSNorm in flax's ``examples/gemma``) and the call-time ``scale=``
   :math:`s` and ``shift=`` :math:`t`.
 
-  `saved` ("input", the default, or "output"): what the backward keeps.
-  With "output" it keeps the returned `y` and recovers x-hat from it, so
-  that `x` can be freed after the forward when the next layer keeps `y`
-  anyway (see `jaxnorm.layer_norm` for its limits: a multiplier below
-  `epsilon` in magnitude is taken as ``±epsilon``, and x-hat carries the
-  rounding of `y`).
+  `saved` ("input", the default, or "output"): what the backward keeps, as
+  in `jaxnorm.batch_norm` ("output" lets `x` be freed after the forward).
 
   Example:
     >>> import jax
