@@ -57,7 +57,7 @@ def test_float32_and_defaults():
   w_eff, b_eff = batch_norm_effective_weights(w, x)
   assert w_eff.dtype == b_eff.dtype == jnp.float32
   expected = numpy_batch_norm(np.asarray(x, np.float64) @ np.asarray(w, np.float64), 1.0, 0.0, 1e-5)
-  np.testing.assert_allclose(np.asarray(x @ w_eff + b_eff), expected, atol=2e-5)
+  np.testing.assert_allclose(np.asarray(x @ w_eff + b_eff[None]), expected, atol=2e-5)
 
 
 @pytest.mark.parametrize(

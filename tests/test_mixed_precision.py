@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 import jaxnorm
+from _flax_reference import flax_promotion
 from jaxnorm import linen as jnn
 
 BF16, F16, F32, F64 = jnp.bfloat16, jnp.float16, jnp.float32, jnp.float64
@@ -94,14 +95,16 @@ def test_dtypes_and_values_like_flax(name, x_dtype, dtype, param_dtype):
   x = _data((3, 2, C), x_dtype)
   theirs = _module(nn, name, dtype=dtype, param_dtype=param_dtype)
   ours = _module(jnn, name, dtype=dtype, param_dtype=param_dtype)
-  variables = theirs.init(jax.random.key(0), x)
+  with flax_promotion():
+    variables = theirs.init(jax.random.key(0), x)
   ours_init = ours.init(jax.random.key(0), x)
   assert jax.tree_util.tree_map(jnp.shape, ours_init) == jax.tree_util.tree_map(jnp.shape, variables)
   assert jax.tree_util.tree_map(lambda a: a.dtype, ours_init["params"]) == jax.tree_util.tree_map(
       lambda a: a.dtype, variables["params"]
   )
   variables = {**variables, "params": _params(variables, param_dtype)}
-  y_theirs, up_theirs = theirs.apply(variables, x, mutable=["batch_stats"])
+  with flax_promotion():
+    y_theirs, up_theirs = theirs.apply(variables, x, mutable=["batch_stats"])
   if ours_init.get("batch_stats"):
     variables = {**variables, "batch_stats": ours_init["batch_stats"]}
   y_ours, up_ours = ours.apply(variables, x, mutable=["batch_stats"])
@@ -163,7 +166,7 @@ def test_half_inputs_keep_float32_running_statistics(module, x_dtype):
 def _textbook(x, scale, bias, axes):
   mean = x.mean(axes, keepdims=True)
   var = ((x - mean) ** 2).mean(axes, keepdims=True)
-  return (x - mean) / jnp.sqrt(var + 1e-5) * scale + bias
+  return (x - mean) / jnp.sqrt(var + 1e-5) * scale[None] + bias[None]
 
 
 @pytest.mark.parametrize("name, axes", [("batch_norm", (0,)), ("layer_norm", (1,))])
@@ -176,7 +179,7 @@ def test_float16_gradients_against_float64_autodiff(name, axes):
     f = lambda x, s, b: jaxnorm.batch_norm(x, s, b, epsilon=1e-5)[0]
   else:
     f = lambda x, s, b: jaxnorm.layer_norm(x, s, b, epsilon=1e-5)
-  grads = jax.jit(jax.grad(lambda *a: jnp.sum(f(*a).astype(F32) * ct), (0, 1, 2)))(x, scale, bias)
+  grads = jax.jit(jax.grad(lambda *a: jnp.sum(f(*a).astype(F32) * ct.astype(F32)), (0, 1, 2)))(x, scale, bias)
   f64 = [jnp.asarray(_f64(a)) for a in (x, scale, bias)]
   ref = jax.jit(jax.grad(lambda *a: jnp.sum(_textbook(*a, axes) * _f64(ct)), (0, 1, 2)))(*f64)
   for g, r in zip(grads, ref):
@@ -192,7 +195,8 @@ def test_float64_stays_float64_and_scan_carries_batch_stats():
   theirs = nn.BatchNorm(use_running_average=False, momentum=0.7, use_fast_variance=False)
   variables = ours.init(jax.random.key(0), xs[0])
   assert variables["batch_stats"]["mean"].dtype == F64 and variables["batch_stats"]["var"].dtype == F64
-  v_theirs = theirs.init(jax.random.key(0), xs[0])
+  with flax_promotion():
+    v_theirs = theirs.init(jax.random.key(0), xs[0])
   assert v_theirs["batch_stats"]["mean"].dtype == F32  # flax's choice, documented in BatchNorm
 
   def step(v, x):
@@ -203,7 +207,8 @@ def test_float64_stays_float64_and_scan_carries_batch_stats():
   final, ys = jax.lax.scan(step, variables, xs)
   assert ys.dtype == F64 and final["batch_stats"]["var"].dtype == F64
   for x in xs:
-    _, up = theirs.apply(v_theirs, x, mutable=["batch_stats"])
+    with flax_promotion():
+      _, up = theirs.apply(v_theirs, x, mutable=["batch_stats"])
     v_theirs = {**v_theirs, **up}
   assert v_theirs["batch_stats"]["var"].dtype == F64
   # flax's first update scales its float32 initial variance in float32 (0.7 * ones(float32)), so

@@ -40,6 +40,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from _flax_reference import flax_promotion
 from jaxnorm import linen as jnn
 
 # (Importing JAX starts no backend: each worker still configures it before first use.)
@@ -219,9 +220,10 @@ def test_linen_batch_norm_across_two_processes_equals_single_device():
   x, mask, variables, ct = _problem()
 
   want = _single_device(jnn.BatchNorm(use_running_average=False, momentum=MOMENTUM), variables, x, mask, ct)
-  flax_result = _single_device(
-      nn.BatchNorm(use_running_average=False, momentum=MOMENTUM, use_fast_variance=False), variables, x, mask, ct
-  )
+  with flax_promotion():
+    flax_result = _single_device(
+        nn.BatchNorm(use_running_average=False, momentum=MOMENTUM, use_fast_variance=False), variables, x, mask, ct
+    )
   for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(flax_result)):
     np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10)
 

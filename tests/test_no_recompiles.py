@@ -127,7 +127,7 @@ def test_masked_op_compiles_once(name):
 @pytest.mark.parametrize("name", sorted(GRADIENTS))
 def test_gradient_compiles_once(name):
   f = GRADIENTS[name]
-  assert_no_recompiles(lambda i: jax.grad(lambda x: jnp.sum(f(x) * jnp.arange(3.0)))(_data(i, *X)))
+  assert_no_recompiles(lambda i: jax.grad(lambda x: jnp.sum(f(x) * jnp.arange(3, dtype=x.dtype)[None]))(_data(i, *X)))
 
 
 # --- linen modules: init once, then `apply` in a loop (training updates where the module has state). ------

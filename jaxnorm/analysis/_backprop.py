@@ -215,10 +215,10 @@ def _autodiff(x, gamma, beta, dy, epsilon):
     return jnp.sum(dy * y)
 
   def from_stats(x, mu, var, gamma, beta):
-    return loss_of_y(gamma * (x - mu) / jnp.sqrt(var + epsilon) + beta)
+    return loss_of_y(gamma[None] * (x - mu[None]) / jnp.sqrt(var + epsilon)[None] + beta[None])
 
   def variance(x, mu):
-    return jnp.mean((x - mu) ** 2, axis=0)
+    return jnp.mean((x - mu[None]) ** 2, axis=0)
 
   def full(x, gamma, beta):
     mu = jnp.mean(x, axis=0)
@@ -226,9 +226,9 @@ def _autodiff(x, gamma, beta, dy, epsilon):
 
   mu = jnp.mean(x, axis=0)
   var = variance(x, mu)
-  xhat = (x - mu) / jnp.sqrt(var + epsilon)
+  xhat = (x - mu[None]) / jnp.sqrt(var + epsilon)[None]
   dx, dgamma, dbeta = jax.grad(full, argnums=(0, 1, 2))(x, gamma, beta)
-  dxhat = jax.grad(lambda xh: loss_of_y(gamma * xh + beta))(xhat)
+  dxhat = jax.grad(lambda xh: loss_of_y(gamma[None] * xh + beta[None]))(xhat)
   dvar = jax.grad(lambda v: from_stats(x, mu, v, gamma, beta))(var)
   dmu = jax.grad(lambda u: from_stats(x, u, variance(x, u), gamma, beta))(mu)
-  return (mu, var, xhat, gamma * xhat + beta, dgamma, dbeta, dxhat, dvar, dmu, dx)
+  return (mu, var, xhat, gamma[None] * xhat + beta[None], dgamma, dbeta, dxhat, dvar, dmu, dx)

@@ -27,6 +27,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxnorm import _validation
+
 
 def batch_norm_effective_weights(
     kernel: Any,
@@ -56,7 +58,8 @@ def batch_norm_effective_weights(
     epsilon: batch norm's epsilon, added to :math:`w_j^\top S w_j`.
 
   Returns:
-    `(w_eff, b_eff)` of shapes `(D, U)` and `(U,)`.
+    `(w_eff, b_eff)` of shapes `(D, U)` and `(U,)`, in the promotion of
+    `kernel`'s and `x`'s dtypes (computed in at least float32).
 
   Example:
     >>> import jax, jax.numpy as jnp, jaxnorm
@@ -64,7 +67,7 @@ def batch_norm_effective_weights(
     >>> x = jax.random.normal(jax.random.key(0), (32, 3))
     >>> w = jax.random.normal(jax.random.key(1), (3, 2))
     >>> w_eff, b_eff = batch_norm_effective_weights(w, x)
-    >>> bool(jnp.allclose(x @ w_eff + b_eff, jaxnorm.batch_norm(x @ w)[0], atol=1e-5))
+    >>> bool(jnp.allclose(x @ w_eff + b_eff[None], jaxnorm.batch_norm(x @ w)[0], atol=1e-5))
     True
   """
   kernel, x = jnp.asarray(kernel), jnp.asarray(x)
@@ -76,22 +79,24 @@ def batch_norm_effective_weights(
   if not epsilon >= 0:
     raise ValueError(f"`epsilon` must be >= 0, got {epsilon!r}.")
   units = kernel.shape[1]
-  dtype = jnp.result_type(kernel, x)
+  dtype = _validation.promoted_dtype(kernel, x)
+  acc = _validation.accumulation_dtype(dtype)
+  kernel, x = kernel.astype(acc), x.astype(acc)
 
   def vector(v, name, default):
     if v is None:
-      return jnp.full((units,), default, dtype)
+      return jnp.full((units,), default, acc)
     v = jnp.asarray(v)
     if v.shape != (units,):
       raise ValueError(f"`{name}` must have shape ({units},) (one per unit), got {v.shape}.")
-    return v.astype(dtype)
+    return v.astype(acc)
 
   g, beta = vector(scale, "scale", 1), vector(bias, "bias", 0)
   mean = jnp.mean(x, axis=0)
-  centered = x - mean  # two passes: S stays accurate when |E[x]| >> spread
+  centered = x - mean[None]  # two passes: S stays accurate when |E[x]| >> spread
   hi = jax.lax.Precision.HIGHEST
   s = jnp.matmul(centered.T, centered, precision=hi) / x.shape[0]
   s_norm_sq = jnp.einsum("du,de,eu->u", kernel, s, kernel, precision=hi)
-  w_eff = kernel * (g / jnp.sqrt(s_norm_sq + epsilon))
+  w_eff = kernel * (g / jnp.sqrt(s_norm_sq + epsilon))[None]
   b_eff = beta - jnp.matmul(mean, w_eff, precision=hi)
   return w_eff.astype(dtype), b_eff.astype(dtype)

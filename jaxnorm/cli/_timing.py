@@ -49,14 +49,17 @@ def flax_apply(module: Any, names: Sequence[str], batch_stats: Any = None) -> Ca
 
   With `batch_stats` (training-mode batch norm) the collection is mutable and
   its update is discarded (and dead-code eliminated under jit), as jaxnorm's
-  unused batch statistics are.
+  unused batch statistics are. flax's layers promote dtypes implicitly (a
+  bfloat16 input to float32 statistics), so they run under JAX's standard
+  promotion even where the caller has set ``jax_numpy_dtype_promotion="strict"``.
   """
 
   def apply(x, *params):
     variables = {"params": dict(zip(names, params))}
-    if batch_stats is None:
-      return module.apply(variables, x)
-    y, _ = module.apply({**variables, "batch_stats": batch_stats}, x, mutable=["batch_stats"])
+    with jax.numpy_dtype_promotion("standard"):
+      if batch_stats is None:
+        return module.apply(variables, x)
+      y, _ = module.apply({**variables, "batch_stats": batch_stats}, x, mutable=["batch_stats"])
     return y
 
   return apply

@@ -90,6 +90,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxnorm
+from jaxnorm import _validation
 from jaxnorm.cli import _timing
 
 SCHEMA = "jaxnorm-bench/1"
@@ -185,9 +186,9 @@ def _plain(x, scale, bias, axes, centered, epsilon):
     d = x32 - jnp.mean(x32, axes, keepdims=True)
   else:
     d = x32
-  y = d * jax.lax.rsqrt(jnp.mean(d * d, axes, keepdims=True) + epsilon) * scale
+  y = d * jax.lax.rsqrt(jnp.mean(d * d, axes, keepdims=True) + epsilon) * _validation.to_rank(scale, x.ndim)
   if bias is not None:
-    y = y + bias
+    y = y + _validation.to_rank(bias, x.ndim)
   return y.astype(x.dtype)
 
 
@@ -264,7 +265,8 @@ def jax_applies(op: str, x: jax.Array) -> dict[str, Callable[..., jax.Array]]:
     module, needs_stats = spec.flax(exact)
     stats = None
     if needs_stats:
-      stats = jax.eval_shape(module.init, jax.random.key(0), x)["batch_stats"]
+      with jax.numpy_dtype_promotion("standard"):  # flax promotes implicitly (see `_timing.flax_apply`)
+        stats = jax.eval_shape(module.init, jax.random.key(0), x)["batch_stats"]
       stats = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), stats)
     out[name] = _timing.flax_apply(module, spec.params, stats)
   return {k: out[k] for k in JAX_IMPLEMENTATIONS}

@@ -188,6 +188,18 @@ class Program:
   loss_and_grads: Callable[[Any], tuple[Any, Any]]  # the step's outputs -> (loss, gradients)
 
 
+def optimizer_step(tx: optax.GradientTransformation, grads: Any, opt_state: Any, params: Any) -> tuple[Any, Any]:
+  """`tx.update` then `optax.apply_updates`, under JAX's standard dtype promotion.
+
+  optax's Adam raises its float decay to the int32 step count implicitly (bias
+  correction), which ``jax_numpy_dtype_promotion="strict"`` refuses; only the
+  optimizer is exempt, the model's forward and backward keep the caller's settings.
+  """
+  with jax.numpy_dtype_promotion("standard"):
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+
 def _perturbed(params: Any, key: jax.Array) -> Any:
   leaves, tree = jax.tree.flatten(params)
   keys = jax.random.split(key, len(leaves))
@@ -203,8 +215,8 @@ def programs(block: str, sizes: Sizes, seed: int = 0) -> dict[str, Program]:
   out = {}
   if block == "add_rms_norm":
     shape = (sizes.rows, 4 * c)
-    x, r, ct_y, ct_h = (jax.random.normal(k, shape) for k in jax.random.split(kx, 4))
-    scale = 1 + 0.1 * jax.random.normal(kc, shape[-1:])
+    x, r, ct_y, ct_h = (jax.random.normal(k, shape, jnp.float32) for k in jax.random.split(kx, 4))
+    scale = 1 + 0.1 * jax.random.normal(kc, shape[-1:], jnp.float32)
     for impl, f in (("jaxnorm", add_rms_norm), ("one_vjp", add_rms_norm_one_vjp)):
       def loss(params, x, r, ct_y, ct_h, f=f):
         y, h = f(x, r, params)
@@ -212,9 +224,9 @@ def programs(block: str, sizes: Sizes, seed: int = 0) -> dict[str, Program]:
       step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
       out[impl] = Program(step, (scale, x, r, ct_y, ct_h), lambda outputs: outputs)
     return out
-  x = jax.random.normal(kx, (b, n, c))
-  cond = jax.random.normal(kc, (b, c))
-  target = jax.random.normal(kt, (b, n, c))
+  x = jax.random.normal(kx, (b, n, c), jnp.float32)
+  cond = jax.random.normal(kc, (b, c), jnp.float32)
+  target = jax.random.normal(kt, (b, n, c), jnp.float32)
   block_cls = {"dit": DiTBlock, "gemma": GemmaBlock}[block]
   params = None
   for impl in IMPLEMENTATIONS:
@@ -227,8 +239,8 @@ def programs(block: str, sizes: Sizes, seed: int = 0) -> dict[str, Program]:
 
     def step(params, opt_state, x, cond, target, loss=loss):
       value, grads = jax.value_and_grad(loss)(params, x, cond, target)
-      updates, opt_state = tx.update(grads, opt_state, params)
-      return optax.apply_updates(params, updates), opt_state, value, grads
+      params, opt_state = optimizer_step(tx, grads, opt_state, params)
+      return params, opt_state, value, grads
 
     out[impl] = Program(jax.jit(step), (params, tx.init(params), x, cond, target), lambda outputs: outputs[2:])
   return out

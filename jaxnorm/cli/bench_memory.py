@@ -143,10 +143,10 @@ class Transformer(nn.Module):
 def _data(model: str, sizes: Sizes, batch: int) -> tuple[jax.Array, jax.Array]:
   kx, ky = jax.random.split(jax.random.key(1))
   if model == "resnet":
-    x = jax.random.normal(kx, (batch, sizes.image, sizes.image, 3))
+    x = jax.random.normal(kx, (batch, sizes.image, sizes.image, 3), jnp.float32)
     return x, jax.random.randint(ky, (batch,), 0, 10)
   shape = (batch, sizes.tokens, sizes.width)
-  return jax.random.normal(kx, shape), jax.random.normal(ky, shape)
+  return jax.random.normal(kx, shape, jnp.float32), jax.random.normal(ky, shape, jnp.float32)
 
 
 def step_and_args(model: str, impl: str, sizes: Sizes, batch: int, remat: bool) -> tuple[Callable[..., Any], tuple]:
@@ -167,8 +167,8 @@ def step_and_args(model: str, impl: str, sizes: Sizes, batch: int, remat: bool) 
 
   def step(params, stats, opt_state, x, y):
     (value, stats), grads = jax.value_and_grad(loss, has_aux=True)(params, stats, x, y)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), stats, opt_state, value, grads
+    params, opt_state = bench_blocks.optimizer_step(tx, grads, opt_state, params)
+    return params, stats, opt_state, value, grads
 
   return step, (params, stats, tx.init(params), x, y)
 

@@ -143,7 +143,7 @@ def fold_batch_norm(
     b = b * s
     if beta is not None:
       b = b + jnp.asarray(beta, acc)
-    layer["kernel"] = (kernel.astype(acc) * s).astype(kernel.dtype)
+    layer["kernel"] = (kernel.astype(acc) * _validation.to_rank(s, kernel.ndim)).astype(kernel.dtype)
     layer["bias"] = b.astype(kernel.dtype if bias is None else jnp.asarray(bias).dtype)
     for collection in out.values():
       _remove(collection, bn_path)

@@ -265,11 +265,11 @@ def _replace_statistics(batch_stats: Mapping[str, Any], total: dict, layers: dic
     if "mean" not in node:
       raise ValueError(f"The layer at '{key}' has no running mean in `variables['batch_stats']`.")
     valid = count > 0
-    node["mean"] = jnp.where(valid, mean, node["mean"]).astype(node["mean"].dtype)
+    node["mean"] = jnp.where(valid, mean.astype(node["mean"].dtype), node["mean"])
     if layer.has_var:
       denominator = count - 1 if layer.convention == "torch" else count
       var = jnp.where(denominator > 0, m2 / jnp.maximum(denominator, 1), 0)
-      node["var"] = jnp.where(valid, var, node["var"]).astype(node["var"].dtype)
+      node["var"] = jnp.where(valid, var.astype(node["var"].dtype), node["var"])
   return new
 
 

@@ -288,7 +288,9 @@ class MeanOnlyBatchNorm(nn.Module):
         axis_index_groups=_validation.axis_index_groups(self.axis_index_groups),
     )
     if not use_running_average and not self.is_initializing():
-      ra_mean.value = momentum * ra_mean.value + (1 - momentum) * mean
+      # The stored dtype is kept (float32 by default, as at init): a float64 batch mean is cast explicitly.
+      old = ra_mean.value
+      ra_mean.value = (momentum * old + (1 - momentum) * mean.astype(old.dtype)).astype(old.dtype)
     return y
 
 
