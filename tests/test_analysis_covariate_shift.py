@@ -88,7 +88,7 @@ def test_matches_torch(batch_norm):
   r = np.random.default_rng(0)
   x = jnp.asarray(r.normal(size=(8, 4)))
   y = jnp.asarray(r.normal(size=(8, 3)))
-  params = f64(model.init(jax.random.key(0), x)["params"])
+  params = f64(model.init(jax.random.key(0), x.astype(jnp.float32))["params"])  # init in the layers' float32; f64 casts
 
   def loss(p):
     out = model.apply({"params": p}, x, mutable=["batch_stats"])[0] if batch_norm else model.apply({"params": p}, x)
@@ -118,7 +118,7 @@ def test_matches_torch(batch_norm):
 def test_no_update_means_no_shift():
   model = MLP()
   x = jnp.asarray(np.random.default_rng(1).normal(size=(6, 4)))
-  params = f64(model.init(jax.random.key(0), x)["params"])
+  params = f64(model.init(jax.random.key(0), x.astype(jnp.float32))["params"])  # init in the layers' float32; f64 casts
   loss = lambda p: jnp.sum(model.apply({"params": p}, x) ** 2)  # noqa: E731
   ics = internal_covariate_shift(loss, params, params, ["Dense_0", "Dense_1", "Dense_2"])
   np.testing.assert_array_equal(ics.distance, 0)

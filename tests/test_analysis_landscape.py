@@ -103,7 +103,7 @@ def test_matches_torch_on_a_network(with_direction):
   direction = {k: r.normal(size=v.shape) for k, v in params.items()} if with_direction else None
 
   def loss(p):
-    return jnp.mean((jnp.tanh(jnp.asarray(x) @ p["w1"] + p["b1"]) @ p["w2"] - jnp.asarray(y)) ** 2)
+    return jnp.mean((jnp.tanh(jnp.asarray(x) @ p["w1"] + p["b1"][None]) @ p["w2"] - jnp.asarray(y)) ** 2)
 
   params_j = jax.tree_util.tree_map(jnp.asarray, params)
   direction_j = None if direction is None else jax.tree_util.tree_map(jnp.asarray, direction)

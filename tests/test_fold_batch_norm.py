@@ -7,6 +7,7 @@ the affine map in float64 numpy.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any
 
@@ -17,31 +18,34 @@ import numpy as np
 import optax
 import pytest
 
+from _flax_reference import flax_promotion
 from jaxnorm import linen as jnn
 
 
 class Head(nn.Module):
   bn: Any = None  # None: the folded model
+  param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, h):
-    h = nn.Dense(3, use_bias=self.bn is None)(h)
+    h = nn.Dense(3, use_bias=self.bn is None, param_dtype=self.param_dtype)(h)
     return h if self.bn is None else self.bn(use_running_average=True)(h)
 
 
 class Net(nn.Module):
   use_bias: bool = True
   bn: Any = None  # None: the folded model
+  param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     folded = self.bn is None
-    h = nn.Conv(4, (3, 3), feature_group_count=2, use_bias=self.use_bias or folded)(x)
+    h = nn.Conv(4, (3, 3), feature_group_count=2, use_bias=self.use_bias or folded, param_dtype=self.param_dtype)(x)
     if not folded:
       h = self.bn(use_running_average=True, epsilon=1e-3)(h)
     h = nn.relu(h).mean((1, 2))
     # A nested layer (path Head_0/Dense_0) whose Dense has no bias before folding.
-    return Head(bn=self.bn)(h)
+    return Head(bn=self.bn, param_dtype=self.param_dtype)(h)
 
 
 def _randomized(tree, seed, dtype):
@@ -63,8 +67,11 @@ def _randomized(tree, seed, dtype):
 )
 def test_folded_model_matches_unfolded(bn, use_bias, dtype, tol):
   x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, 5, 4)) * 2 + 1, dtype)
-  model = Net(use_bias=use_bias, bn=functools.partial(bn, param_dtype=dtype))
-  variables = _randomized(jax.eval_shape(lambda: model.init(jax.random.key(0), x)), 1, dtype)
+  model = Net(use_bias=use_bias, bn=functools.partial(bn, param_dtype=dtype), param_dtype=dtype)
+  # flax's BatchNorm (the unfolded model's, in the first case) makes float32 running statistics
+  # beside float64 parameters at init; _randomized gives every leaf `dtype`.
+  with flax_promotion() if bn is nn.BatchNorm else contextlib.nullcontext():
+    variables = _randomized(jax.eval_shape(lambda: model.init(jax.random.key(0), x)), 1, dtype)
   # Some means negative: the bias shift has a sign.
   variables["batch_stats"]["BatchNorm_0"]["mean"] = variables["batch_stats"]["BatchNorm_0"]["mean"] - 1
   before = jax.tree_util.tree_map(np.asarray, variables)
@@ -77,10 +84,10 @@ def test_folded_model_matches_unfolded(bn, use_bias, dtype, tol):
   # No BatchNorm left: no batch_stats at all; the Dense gained a bias; dtypes kept.
   assert set(folded) == {"params"}
   assert jax.tree_util.tree_map(jnp.shape, folded) == jax.tree_util.tree_map(
-      jnp.shape, jax.eval_shape(lambda: Net().init(jax.random.key(0), x))
+      jnp.shape, jax.eval_shape(lambda: Net(param_dtype=dtype).init(jax.random.key(0), x))
   )
   assert all(a.dtype == dtype for a in jax.tree_util.tree_leaves(folded))
-  y_folded = Net().apply(folded, x)
+  y_folded = Net(param_dtype=dtype).apply(folded, x)
   y_ref = model.apply(variables, x)
   np.testing.assert_allclose(y_folded, y_ref, rtol=tol, atol=tol)
   # The input variables are left as they were.
@@ -128,13 +135,15 @@ def test_fold_errors_are_clear():
 def test_frozen_batch_norm_is_inference_batch_norm_and_never_updates(dtype):
   x = jnp.asarray(np.random.default_rng(0).normal(size=(6, 2, 3)) * 3 + 2, dtype)
   flax_bn = nn.BatchNorm(use_running_average=True, axis=(1, 2), epsilon=1e-3, param_dtype=dtype)
-  variables = _randomized(flax_bn.init(jax.random.key(0), x), 1, dtype)
+  with flax_promotion():
+    variables = _randomized(flax_bn.init(jax.random.key(0), x), 1, dtype)
   frozen = jnn.FrozenBatchNorm(axis=(1, 2), epsilon=1e-3, param_dtype=dtype)
   # Same variable tree as flax's BatchNorm: the checkpoint loads unchanged.
   assert jax.tree_util.tree_map(jnp.shape, frozen.init(jax.random.key(0), x)) == jax.tree_util.tree_map(
       jnp.shape, variables
   )
-  y_ref = flax_bn.apply(variables, x)
+  with flax_promotion():
+    y_ref = flax_bn.apply(variables, x)
   tol = 1e-12 if dtype == jnp.float64 else 1e-6
   for use_running_average in (None, False, True):
     y, updates = frozen.apply(variables, x, use_running_average, mutable=["batch_stats"])
@@ -145,7 +154,7 @@ def test_frozen_batch_norm_is_inference_batch_norm_and_never_updates(dtype):
   # The gradient wrt x is that of the affine map, in float64 numpy.
   p, s = variables["params"], variables["batch_stats"]
   ct = np.random.default_rng(2).normal(size=x.shape)
-  gx = jax.grad(lambda x: jnp.sum(frozen.apply(variables, x) * ct))(x)
+  gx = jax.grad(lambda x: jnp.sum(frozen.apply(variables, x).astype(jnp.float64) * ct))(x)
   expected = ct * np.asarray(p["scale"], np.float64) / np.sqrt(np.asarray(s["var"], np.float64) + 1e-3)
   np.testing.assert_allclose(gx, expected, rtol=tol, atol=tol)
 

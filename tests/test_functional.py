@@ -393,7 +393,7 @@ def test_normalize_gradients():
   x, mean, var, s, b = r.normal(size=(3, 4)), r.normal(size=4), r.random(4) + 0.5, r.normal(size=4), r.normal(size=4)
   ct = r.normal(size=(3, 4))
   ours = lambda *a: jnp.sum(jaxnorm.normalize(*a, epsilon=1e-3) * ct)
-  ref = lambda x, m, v, s, b: jnp.sum(((x - m) / jnp.sqrt(v + 1e-3) * s + b) * ct)
+  ref = lambda x, m, v, s, b: jnp.sum(((x - m[None]) / jnp.sqrt(v[None] + 1e-3) * s[None] + b[None]) * ct)
   args = (x, mean, var, s, b)
   got, want = jax.jit(lambda *a: (jax.grad(ours, range(5))(*a), jax.grad(ref, range(5))(*a)))(*args)
   for a, b_ in zip(got, want):
@@ -729,7 +729,7 @@ def test_nested_vmap_two_axis_names():
 
   def global_loss(x, where, with_mean=True):
     y, mean, _ = jnp_batch_norm(flat(x), s, b, where=flat(where))
-    return jnp.sum(y * flat(ct)) + with_mean * jnp.sum(mean * cm.sum((0, 1)))
+    return jnp.sum(y * flat(ct)) + (jnp.sum(mean * cm.sum((0, 1))) if with_mean else 0.0)
 
   # (`where` is an argument, not a NumPy closure constant: jit(vmap(custom_vjp function))
   # of a vmapped NumPy constant trips an internal JAX assertion.)
@@ -835,7 +835,7 @@ def test_property_batch_norm(case):
   y, mean, var = op(x, s, b)
   ref_y, ref_mean, ref_var = np_batch_norm(x64, s64, b64, features, 1e-3)
   assert y.dtype == dtype and y.shape == shape
-  stat_dtype = jnp.promote_types(dtype, jnp.float32)
+  stat_dtype = np.promote_types(dtype, np.float32)  # NumPy's rule: JAX's strict promotion has no float64/float32 path
   assert mean.dtype == stat_dtype and var.dtype == stat_dtype
   assert mean.shape == pshape and var.shape == pshape
   _check_close(y, ref_y, dtype)
@@ -851,7 +851,7 @@ def test_property_moments(case, keepdims):
   x, x64 = _cast(rng(seed).normal(size=shape) * 3 - 1, dtype)
   mean, var = jax.jit(lambda x: jaxnorm.moments(x, axis, keepdims=keepdims))(x)
   ref_mean, ref_var = np_moments(x64, axis, keepdims=keepdims)
-  stat_dtype = jnp.promote_types(dtype, jnp.float32)
+  stat_dtype = np.promote_types(dtype, np.float32)  # NumPy's rule: JAX's strict promotion has no float64/float32 path
   assert mean.dtype == stat_dtype and var.dtype == stat_dtype
   assert mean.shape == ref_mean.shape
   _check_close(mean, ref_mean, stat_dtype)
@@ -897,8 +897,9 @@ def _textbook(x, scale, bias, axes, eps, centered=True, groups=None):
     x = x.reshape(*shape[:-1], groups, shape[-1] // groups)
   mean = jnp.mean(x, axes, keepdims=True) if centered else 0.0
   d = x - mean
-  y = (d * lax.rsqrt(jnp.mean(d * d, axes, keepdims=True) + eps)).reshape(shape) * scale
-  return y if bias is None else y + bias
+  pshape = (1,) * (len(shape) - 1) + shape[-1:]  # scale and bias lie along the last axis
+  y = (d * lax.rsqrt(jnp.mean(d * d, axes, keepdims=True) + eps)).reshape(shape) * scale.reshape(pshape)
+  return y if bias is None else y + bias.reshape(pshape)
 
 
 # op -> (jaxnorm call, textbook call, x shape): the gradients the factored and row-wise
@@ -910,7 +911,7 @@ _OFFSET_GRAD_CASES = {
         (16, 64),
     ),
     "rms_norm": (
-        lambda x, s, b: jaxnorm.rms_norm(x, s) + b,
+        lambda x, s, b: jaxnorm.rms_norm(x, s) + b[None],
         lambda x, s, b: _textbook(x, s, b, -1, 1e-6, centered=False),
         (16, 64),
     ),
@@ -1021,12 +1022,12 @@ def test_nonfinite_values_in_masked_positions(op):
   ct = r.normal(size=shape)
   ours = {
       "layer_norm": lambda x, s, b: jaxnorm.layer_norm(x, s, b, where=where),
-      "rms_norm": lambda x, s, b: jaxnorm.rms_norm(x, s, where=where) + 0 * b,
+      "rms_norm": lambda x, s, b: jaxnorm.rms_norm(x, s, where=where) + 0 * b[None],
       "batch_norm": lambda x, s, b: jaxnorm.batch_norm(x, s, b, where=where)[0],
   }[op]
   ref = {
       "layer_norm": lambda x, s, b: jnp_layer_norm(x, s, b, where=where),
-      "rms_norm": lambda x, s, b: jnp_rms_norm(x, s, where=where) + 0 * b,
+      "rms_norm": lambda x, s, b: jnp_rms_norm(x, s, where=where) + 0 * b[None],
       "batch_norm": lambda x, s, b: jnp_batch_norm(x, s, b, where=where)[0],
   }[op]
   np_ref = {

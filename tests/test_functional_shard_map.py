@@ -52,10 +52,11 @@ SCRIPT = textwrap.dedent(
             results[fn.__name__] = f"{type(e).__name__}: {e}"[:600]
         return fn
 
-    def ref_bn(x, s, b):  # textbook float64 formula on the whole batch
-        mean = jnp.mean(x, 0, where=where)
-        var = jnp.mean(jnp.square(x - mean), 0, where=where)
-        return (x - mean) / jnp.sqrt(var + 1e-5) * s + b, mean, var
+    def ref_bn(x, s, b):  # textbook float64 formula on the whole batch; s and b: (C,) or scalars
+        mean = jnp.mean(x, 0, where=where, keepdims=True)
+        var = jnp.mean(jnp.square(x - mean), 0, where=where, keepdims=True)
+        y = (x - mean) / jnp.sqrt(var + 1e-5) * jnp.reshape(s, (1, -1)) + jnp.reshape(b, (1, -1))
+        return y, mean[0], var[0]
 
     def sharded(f, in_specs, out_specs):
         return jax.jit(jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs))
@@ -98,7 +99,7 @@ SCRIPT = textwrap.dedent(
         loss = lambda x, s, b: jnp.sum(f(x, s, b) * ct)
         def loss_ref(x, s, b):
             y = (x - jnp.mean(x, -1, keepdims=True)) / jnp.sqrt(jnp.var(x, -1, keepdims=True) + 1e-6)
-            return jnp.sum((y * s + b) * ct)
+            return jnp.sum((y * s[None, :] + b[None, :]) * ct)
         return err(jax.grad(loss, (0, 1, 2))(x, s, b), jax.grad(loss_ref, (0, 1, 2))(x, s, b))
 
     # Cotangents on the returned (replicated) mean and variance too (no affine part, so

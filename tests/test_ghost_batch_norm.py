@@ -22,6 +22,7 @@ import pytest
 from jax.test_util import check_grads
 
 import jaxnorm
+from _flax_reference import flax_promotion
 from jaxnorm import linen as jnn
 
 F64 = dict(rtol=1e-10, atol=1e-10)
@@ -60,7 +61,9 @@ def jnp_ghost_loss(x, scale, bias, v, cotangent, eps=1e-5):
   for i in range(0, x.shape[0], v):
     xc = x[i : i + v]
     axes = tuple(range(xc.ndim - 1))
-    y = (xc - xc.mean(axes)) / jnp.sqrt(xc.var(axes) + eps) * scale + bias
+    bshape = (1,) * len(axes) + scale.shape
+    y = (xc - xc.mean(axes, keepdims=True)) / jnp.sqrt(xc.var(axes, keepdims=True) + eps) * scale.reshape(bshape)
+    y = y + bias.reshape(bshape)
     total = total + jnp.sum(y * cotangent[i : i + v])
   return total
 
@@ -315,7 +318,8 @@ def test_linen_mask_and_dtypes():
   variables = module.init(jax.random.key(0), x)
   y, up = module.apply(variables, x, mask=mask, mutable=["batch_stats"])
   # flax's dtype rule: bf16 input with float32 parameters gives float32; statistics stay float32.
-  y_flax = nn.BatchNorm(use_running_average=False).apply(variables, x[:4], mask=mask[:4], mutable=["batch_stats"])[0]
+  with flax_promotion():
+    y_flax = nn.BatchNorm(use_running_average=False).apply(variables, x[:4], mask=mask[:4], mutable=["batch_stats"])[0]
   assert y.dtype == y_flax.dtype
   assert up["batch_stats"]["mean"].dtype == jnp.float32
   ref_mean = np_ghost(np.asarray(x, np.float64), None, None, 4, where=mask)[1].mean(0)

@@ -25,6 +25,7 @@ from jax import lax
 from jax.test_util import check_grads
 
 import jaxnorm
+from _flax_reference import flax_promotion
 from jaxnorm import linen as jnn
 
 torch = pytest.importorskip("torch")
@@ -47,9 +48,9 @@ def jnp_group_norm(x, scale=None, bias=None, num_groups=1, eps=1e-6, where=None)
   var = jnp.mean(jnp.square(xg - mean), axes, keepdims=True, where=wg)
   y = ((xg - mean) / jnp.sqrt(var + eps)).reshape(x.shape)
   if scale is not None:
-    y = y * scale
+    y = y * jnp.broadcast_to(scale, x.shape)
   if bias is not None:
-    y = y + bias
+    y = y + jnp.broadcast_to(bias, x.shape)
   return y
 
 
@@ -376,7 +377,7 @@ def test_linen_matches_flax(name, kwargs, shape, masked):
   spec = lambda v: jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), v)
   assert spec(ours.init(jax.random.key(1), x, **call)) == spec(variables)
   variables = _random_params(variables)
-  ct = jax.random.normal(jax.random.key(2), shape)
+  ct = jax.random.normal(jax.random.key(2), shape, x.dtype)
 
   def grads(module, params, x):
     def loss(params, x):
@@ -405,10 +406,13 @@ def test_linen_dtypes_match_flax(x_dtype, dtype, param_dtype):
   for name, extra in (("GroupNorm", dict(num_groups=2)), ("InstanceNorm", {})):
     kwargs = dict(dtype=dtype, param_dtype=param_dtype, **extra)
     theirs, ours = getattr(nn, name)(**kwargs, use_fast_variance=False), getattr(jnn, name)(**kwargs)
-    variables = theirs.init(jax.random.key(1), x)
+    with flax_promotion():
+      variables = theirs.init(jax.random.key(1), x)
     dtypes = lambda v: jax.tree_util.tree_map(lambda a: a.dtype, v)
     assert dtypes(ours.init(jax.random.key(1), x)) == dtypes(variables)
-    y_theirs, y_ours = theirs.apply(variables, x), ours.apply(variables, x)
+    with flax_promotion():
+      y_theirs = theirs.apply(variables, x)
+    y_ours = ours.apply(variables, x)
     assert y_ours.dtype == y_theirs.dtype
     eps = float(jnp.finfo(y_ours.dtype).eps)
     np.testing.assert_allclose(np.asarray(y_ours, np.float32), np.asarray(y_theirs, np.float32), atol=32 * eps, rtol=4 * eps)

@@ -8,6 +8,7 @@ import numpy as np
 import optax
 import pytest
 
+from _flax_reference import flax_promotion
 from jaxnorm import linen as jnn
 
 KEY = jax.random.key(0)
@@ -57,7 +58,7 @@ def test_matches_flax(name, kwargs, shape, call):
       jnp.shape, variables
   )
   variables = _random_params(variables)
-  cotangent = jax.random.normal(jax.random.key(2), shape)
+  cotangent = jax.random.normal(jax.random.key(2), shape, x.dtype)
 
   def loss(module, params, x):
     y, updates = module.apply({**variables, "params": params}, x, mutable=["batch_stats"], **call)
@@ -83,11 +84,13 @@ def test_dtypes_match_flax(name, x_dtype, dtype, param_dtype):
     kwargs["use_running_average"] = False
   theirs = getattr(nn, name)(**kwargs, use_fast_variance=False)
   ours = getattr(jnn, name)(**kwargs)
-  variables = theirs.init(jax.random.key(1), x)
+  with flax_promotion():
+    variables = theirs.init(jax.random.key(1), x)
   assert jax.tree_util.tree_map(lambda a: a.dtype, ours.init(jax.random.key(1), x)) == jax.tree_util.tree_map(
       lambda a: a.dtype, variables
   )
-  y_theirs, up_theirs = theirs.apply(variables, x, mutable=["batch_stats"])
+  with flax_promotion():
+    y_theirs, up_theirs = theirs.apply(variables, x, mutable=["batch_stats"])
   y_ours, up_ours = ours.apply(variables, x, mutable=["batch_stats"])
   assert y_ours.dtype == y_theirs.dtype
   # Running statistics never degrade to 16 bits.
@@ -120,7 +123,8 @@ def test_batch_norm_running_statistics_and_inference_match_flax():
   _assert_trees_close(up["batch_stats"], v_ours["batch_stats"], rtol=0, atol=0)
   # Reference by hand: (x - running mean) / sqrt(running var + eps).
   stats = v_ours["batch_stats"]
-  np.testing.assert_allclose(y_eval, (x - stats["mean"]) / np.sqrt(stats["var"] + 1e-5), rtol=1e-5, atol=1e-5)
+  x64, mean64, var64 = (np.asarray(a, np.float64) for a in (x, stats["mean"], stats["var"]))
+  np.testing.assert_allclose(y_eval, (x64 - mean64) / np.sqrt(var64 + 1e-5), rtol=1e-5, atol=1e-5)
 
 
 def test_use_running_average_given_twice_is_an_error_like_flax():
@@ -180,7 +184,7 @@ class _MLP(nn.Module):
 def test_small_model_trains_like_flax():
   """The same MLP with flax's and jaxnorm's BatchNorm: identical losses while training, and it learns."""
   kx, ky = jax.random.split(jax.random.key(4))
-  x = jax.random.normal(kx, (64, 8))
+  x = jax.random.normal(kx, (64, 8), jnp.float32)  # the dtype of flax's parameters
   labels = (x[:, 0] + 0.5 * x[:, 1] > 0).astype(jnp.int32)
   tx = optax.sgd(0.3)
 
@@ -207,7 +211,7 @@ def test_small_model_trains_like_flax():
       params, stats, opt_state, loss = step(params, stats, opt_state)
       losses.append(float(loss))
     logits = model.apply({"params": params, "batch_stats": stats}, x, train=False)
-    accuracy = float(jnp.mean(jnp.argmax(logits, -1) == labels))
+    accuracy = float(jnp.mean(jnp.argmax(logits, -1).astype(labels.dtype) == labels))
     return np.array(losses), accuracy
 
   losses_ours, accuracy = train(jnn.BatchNorm)

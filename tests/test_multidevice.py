@@ -112,6 +112,7 @@ def _worker():
   from jax.sharding import PartitionSpec as P
 
   import jaxnorm
+  from _flax_reference import flax_promotion  # tests/ is this script's directory
   from jaxnorm import linen as jnn
 
   jax.config.update("jax_enable_x64", True)
@@ -500,7 +501,8 @@ def _worker():
     """The single-device references against float64 NumPy and flax.linen.BatchNorm (masked, one device)."""
     mean, var = np_moments(x, where)
     bn, mom, lbn = (refs["global", n][0] for n in ("batch_norm", "moments", "linen.BatchNorm"))
-    y_flax, up_flax = jax.jit(lambda x, w: flax_apply(flax_bn(), ops["linen.BatchNorm"][1], x, w))(x, where)
+    with flax_promotion():
+      y_flax, up_flax = jax.jit(lambda x, w: flax_apply(flax_bn(), ops["linen.BatchNorm"][1], x, w))(x, where)
     return {
         "batch_norm_vs_numpy": max(
             err(bn["y"], (x - mean) / np.sqrt(var + 1e-5) * scale + bias, "")[0],
@@ -524,7 +526,8 @@ def _worker():
 
       sm = lambda module: jax.shard_map(body(module), mesh=mesh, in_specs=P("i"), out_specs=P("i"))(x)  # noqa: E731
       ours = sm(jnn.BatchNorm(use_running_average=False, momentum=MOMENTUM, axis_name="i"))
-      return ours, sm(flax_bn(axis_name="i")), flax_apply(flax_bn(), variables, x, None)
+      with flax_promotion():
+        return ours, sm(flax_bn(axis_name="i")), flax_apply(flax_bn(), variables, x, None)
 
     ours, theirs, single_flax = run(x)
     return {"out": max(err(ours, theirs, "")[0], err(ours["y"], single_flax[0], "")[0])}
@@ -539,7 +542,8 @@ def _worker():
       return jax.shard_map(f, mesh=mesh, in_specs=(P("i"), P("i")), out_specs=(P(), P()))
 
     def flax_stats(x, w):
-      stats = flax_apply(flax_bn(axis_name="i"), variables, x, w)[1]["batch_stats"]
+      with flax_promotion():
+        stats = flax_apply(flax_bn(axis_name="i"), variables, x, w)[1]["batch_stats"]
       return stats["mean"], stats["var"]
 
     @jax.jit

@@ -59,7 +59,7 @@ def test_other_type_errors_pass_through_untouched():
 
 
 def test_hessian_passes_through_the_custom_vjp():
-  w = jnp.linspace(-1.0, 1.0, 4)
+  w = jnp.linspace(-1.0, 1.0, 4, dtype=X.dtype)
   loss = lambda custom: lambda v: (jnp.tanh(jaxnorm.layer_norm(v, custom_vjp=custom)) * w).sum()
   chex.assert_trees_all_close(jax.hessian(loss(True))(X[0]), jax.hessian(loss(False))(X[0]), rtol=1e-4, atol=1e-5)
 

@@ -24,6 +24,7 @@ import pytest
 from flax import nnx
 
 import jaxnorm
+from _flax_reference import flax_promotion
 from jaxnorm import linen as jnn
 from jaxnorm import nnx as jnnx
 
@@ -158,7 +159,9 @@ def test_dtypes_match_flax_nnx(name):
     theirs = getattr(nnx, name)(6, **kwargs, use_fast_variance=False)
     ours = getattr(jnnx, name)(6, **kwargs)
     x = _data((8, 6)).astype(x_dtype)
-    y_ours, y_theirs = ours(x), theirs(x)
+    y_ours = ours(x)
+    with flax_promotion():
+      y_theirs = theirs(x)
     assert y_ours.dtype == y_theirs.dtype
     resolution = float(jnp.finfo(y_ours.dtype).eps)
     np.testing.assert_allclose(
@@ -272,7 +275,8 @@ def test_weight_norm_matches_flax_nnx_and_keeps_the_wrapped_kernel():
   assert "scales/('kernel',)" in _flat(nnx.state(ours, nnx.Param))
   # The first call (flax's is right until it has overwritten the kernel).
   y_ours, g_ours, gx_ours = _stepper()(ours, x, cotangent)
-  y_theirs, g_theirs, gx_theirs = _stepper()(theirs, x, cotangent)
+  with flax_promotion():  # flax's scales are float64 here (its scale_init ignores param_dtype)
+    y_theirs, g_theirs, gx_theirs = _stepper()(theirs, x, cotangent)
   np.testing.assert_allclose(y_ours, y_theirs, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(gx_ours, gx_theirs, rtol=1e-5, atol=1e-6)
   _assert_close(*_common(g_ours, g_theirs), rtol=1e-5, atol=1e-6)
@@ -432,8 +436,9 @@ def test_train_eval_and_view_switch_every_module():
   h = np.asarray(model.sn.normalized_params()["kernel"][...], np.float64)
   h = np.asarray(x, np.float64) @ h + np.asarray(model.sn.layer_instance.bias[...])
   for bn in (model.bn, model.brn, model.gbn):
-    h = (h - bn.mean[...]) / np.sqrt(bn.var[...] + 1e-5)  # scale 1, bias 0
-  h = h - model.mobn.mean[...]
+    mean, var = (np.asarray(v[...], np.float64) for v in (bn.mean, bn.var))
+    h = (h - mean) / np.sqrt(var + 1e-5)  # scale 1, bias 0
+  h = h - np.asarray(model.mobn.mean[...], np.float64)
   np.testing.assert_allclose(y_eval, h, rtol=1e-5, atol=1e-5)
   # A call-time flag takes precedence over the attribute, as in flax.
   model.bn(x, use_running_average=False)
@@ -486,7 +491,7 @@ def test_jitted_training_matches_flax_nnx_and_learns():
 
     losses = [float(step(model, optimizer)) for _ in range(40)]
     model.eval()
-    accuracy = float(jnp.mean(jnp.argmax(nnx.jit(lambda m: m(x))(model), -1) == labels))
+    accuracy = float(jnp.mean(jnp.argmax(nnx.jit(lambda m: m(x))(model), -1).astype(labels.dtype) == labels))
     return np.array(losses), accuracy, _flat(nnx.state(model, nnx.BatchStat))
 
   losses, accuracy, stats = train(jnnx.BatchNorm)

@@ -84,6 +84,10 @@ def test_notebook_runs_in_quick_mode(path, tmp_path, kernel_of_this_interpreter,
       record_timing=False,
   )
   env = {**os.environ, "JAXNORM_QUICK": "1", "MPLBACKEND": "module://matplotlib_inline.backend_inline"}
+  # The suite's settings (conftest.py), but for dtype promotion: the notebooks
+  # train with optax, whose Adam mixes its int32 step count with Python floats
+  # implicitly, which strict promotion refuses inside optax.
+  env["JAX_NUMPY_DTYPE_PROMOTION"] = "standard"
   start = time.monotonic()
   try:
     asyncio.run(asyncio.wait_for(client.async_execute(env=env), TIMEOUT_S))

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from _flax_reference import flax_promotion
 from jaxnorm import linen as jnn
 
 TOL = dict(rtol=1e-10, atol=1e-12)
@@ -37,7 +38,8 @@ class Net(nn.Module):
     self.sow("inputs", "ghost_in", h)
     h = jnn.GhostBatchNorm(use_running_average=ra, virtual_batch_size=2, param_dtype=jnp.float64, name="ghost")(h)
     self.sow("inputs", "flax_bn_in", h)
-    h = nn.BatchNorm(use_running_average=ra, param_dtype=jnp.float64, name="flax_bn")(h)
+    with flax_promotion():  # flax's BatchNorm promotes its float32 statistics with the float64 input implicitly
+      h = nn.BatchNorm(use_running_average=ra, param_dtype=jnp.float64, name="flax_bn")(h)
     self.sow("inputs", "mean_only_in", h * 2 + 1)
     return jnn.MeanOnlyBatchNorm(use_running_average=ra, param_dtype=jnp.float64, name="mean_only")(h * 2 + 1)
 
@@ -125,6 +127,6 @@ def test_clear_errors():
     jnn.precise_batch_stats(model, {"params": variables["params"]}, batches, train=True)
   with pytest.raises(ValueError, match="yielded no batch"):
     jnn.precise_batch_stats(model, variables, [], train=True)
-  dense = nn.Dense(3)
+  dense = nn.Dense(3, param_dtype=jnp.float64)
   with pytest.raises(ValueError, match="No batch-norm layer ran"):
     jnn.precise_batch_stats(dense, {**dense.init(jax.random.key(0), batches[0]), "batch_stats": {}}, batches)

@@ -48,6 +48,10 @@ print(json.dumps(report))
 
 def _run_blocks():
   env = dict(os.environ)
+  # Under the suite's settings (conftest.py), but for dtype promotion: the
+  # training examples use optax, whose Adam mixes its int32 step count with
+  # Python floats implicitly, which strict promotion refuses inside optax.
+  env["JAX_NUMPY_DTYPE_PROMOTION"] = "standard"
   env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
   proc = subprocess.run(
       [sys.executable, "-c", RUNNER], input=json.dumps(BLOCKS), capture_output=True, text=True, timeout=300, env=env

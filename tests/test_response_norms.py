@@ -22,6 +22,7 @@ import torch
 from jax.test_util import check_grads
 
 import jaxnorm
+from _flax_reference import flax_promotion
 from jaxnorm import linen as jnn
 
 F64 = dict(rtol=1e-10, atol=1e-10)
@@ -54,6 +55,7 @@ def np_frn(x, scale, bias, tau, eps, where=None):
 
 def jnp_frn(x, scale, bias, tau, eps):
   nu2 = jnp.mean(jnp.square(x), axis=tuple(range(1, x.ndim - 1)), keepdims=True)
+  scale, bias, tau = (jnp.broadcast_to(p, x.shape) for p in (scale, bias, tau))
   return jnp.maximum(scale * x / jnp.sqrt(nu2 + eps) + bias, tau)
 
 
@@ -163,7 +165,9 @@ def test_frn_linen():
   assert sorted(no_tau.init(jax.random.key(0), x)["params"]) == ["scale"]
   # flax's dtype rule: bf16 input and float32 parameters give float32, as flax.linen.LayerNorm does.
   xb = x.astype(jnp.bfloat16)
-  assert module.apply(variables, xb).dtype == nn.LayerNorm().apply(nn.LayerNorm().init(jax.random.key(0), xb), xb).dtype
+  with flax_promotion():
+    flax_dtype = nn.LayerNorm().apply(nn.LayerNorm().init(jax.random.key(0), xb), xb).dtype
+  assert module.apply(variables, xb).dtype == flax_dtype
 
 
 # ----------------------------------------------------------------------------------------------
@@ -327,5 +331,7 @@ def test_dyt_linen_is_a_layer_norm_drop_in():
   for kwargs in ({}, dict(param_dtype=jnp.bfloat16)):
     ln = nn.LayerNorm(**kwargs)
     dyt = jnn.DyT(**kwargs)
-    assert dyt.apply(dyt.init(jax.random.key(0), xb), xb).dtype == ln.apply(ln.init(jax.random.key(0), xb), xb).dtype
+    with flax_promotion():
+      ln_dtype = ln.apply(ln.init(jax.random.key(0), xb), xb).dtype
+    assert dyt.apply(dyt.init(jax.random.key(0), xb), xb).dtype == ln_dtype
 

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from _flax_reference import flax_promotion
 from jaxnorm import linen as jnn
 
 torch = pytest.importorskip("torch")
@@ -64,7 +65,7 @@ def _torch_params(variables, bn_torch):
 
 def _random_params(variables, seed=5):
   r = np.random.default_rng(seed)
-  params = {k: jnp.asarray(v + 0.3 * r.normal(size=v.shape)) for k, v in variables["params"].items()}
+  params = {k: jnp.asarray(np.asarray(v, np.float64) + 0.3 * r.normal(size=v.shape)) for k, v in variables["params"].items()}
   return {**variables, "params": params}
 
 
@@ -204,9 +205,11 @@ def test_flax_convention_is_flax_bit_for_bit():
   xs = _batches()
   theirs = nn.BatchNorm(use_running_average=False, momentum=0.9, use_fast_variance=False)
   ours = jnn.BatchNorm(use_running_average=False, momentum=0.9, convention="flax")
-  v_theirs = v_ours = theirs.init(jax.random.key(0), xs[0])
+  with flax_promotion():
+    v_theirs = v_ours = theirs.init(jax.random.key(0), xs[0])
   for x in xs:
-    _, v_theirs = _train(theirs, v_theirs, x)
+    with flax_promotion():
+      _, v_theirs = _train(theirs, v_theirs, x)
     _, v_ours = _train(ours, v_ours, x)
   assert jax.tree_util.tree_structure(v_ours) == jax.tree_util.tree_structure(v_theirs)
   for a, b in zip(jax.tree_util.tree_leaves(v_ours), jax.tree_util.tree_leaves(v_theirs)):

@@ -22,6 +22,7 @@ from jax import lax
 from jax.test_util import check_grads
 
 import jaxnorm
+from _flax_reference import flax_promotion
 from jaxnorm import linen as jnn
 
 torch = pytest.importorskip("torch")
@@ -145,10 +146,10 @@ def test_vmap_and_scan():
 def test_zero_v_gives_finite_output_and_gradients():
   v, g = jnp.zeros((3, 2), jnp.float32), jnp.array([1.0, 2.0], jnp.float32)
   w = jaxnorm.weight_norm(v, g)
-  dv, dg = jax.grad(lambda v, g: jnp.sum(jaxnorm.weight_norm(v, g) * jnp.arange(6.0).reshape(3, 2)), (0, 1))(v, g)
+  dv, dg = jax.grad(lambda v, g: jnp.sum(jaxnorm.weight_norm(v, g) * jnp.arange(6.0, dtype=jnp.float32).reshape(3, 2)), (0, 1))(v, g)
   assert np.all(w == 0) and np.all(np.isfinite(dv)) and np.all(np.isfinite(dg))
   # The documented convention: ||v|| = sqrt(sum v^2 + eps), so dL/dv = g G / sqrt(eps) and dL/dg = 0.
-  np.testing.assert_allclose(dv, g * np.arange(6.0).reshape(3, 2) / np.sqrt(1e-12), rtol=1e-6)
+  np.testing.assert_allclose(dv, np.asarray(g, np.float64) * np.arange(6.0).reshape(3, 2) / np.sqrt(1e-12), rtol=1e-6)
   np.testing.assert_array_equal(dg, 0)
 
 
@@ -189,11 +190,23 @@ class Bar(nn.Module):
     return nn.Dense(3)(nn.relu(nn.Dense(2)(x)))
 
 
+class Dense(nn.Dense):
+  """flax's Dense, its own computation under the promotion it is written for (`flax_promotion`).
+
+  It mixes a bfloat16 input or kernel with float32 parameters implicitly. A jaxnorm wrapper
+  around it computes the normalized kernel before this body runs: jaxnorm stays strict.
+  """
+
+  def __call__(self, inputs):
+    with flax_promotion():
+      return super().__call__(inputs)
+
+
 def _net(wrapper, make_layer, **kwargs):
   class Net(nn.Module):
     @nn.compact
     def __call__(self, x):
-      x = nn.Dense(4)(x)
+      x = Dense(4)(x)
       return wrapper(make_layer(), **kwargs)(x)
 
   return Net()
@@ -238,10 +251,12 @@ def test_module_matches_flax():
 def test_module_dtypes_match_flax():
   x = jnp.ones((2, 3), jnp.bfloat16)
   for kwargs in (dict(dtype=jnp.bfloat16), dict(param_dtype=jnp.bfloat16)):
-    make = lambda: nn.Dense(4, param_dtype=kwargs.get("param_dtype", jnp.float32))
+    make = lambda: Dense(4, param_dtype=kwargs.get("param_dtype", jnp.float32))
     theirs, ours = _net(nn.WeightNorm, make, **kwargs), _net(jnn.WeightNorm, make, **kwargs)
-    variables = theirs.init(jax.random.key(0), x)
-    assert ours.apply(variables, x).dtype == theirs.apply(variables, x).dtype
+    with flax_promotion():
+      variables = theirs.init(jax.random.key(0), x)
+      y_theirs = theirs.apply(variables, x)
+    assert ours.apply(variables, x).dtype == y_theirs.dtype
     # Parameters keep their param_dtype. (flax, writing the normalized kernel back at init, stores
     # it in the compute `dtype`: a bfloat16 kernel for dtype=bfloat16.)
     mine = ours.init(jax.random.key(0), x)["params"]
@@ -318,7 +333,7 @@ def test_data_init_standardizes_the_init_batch(make_layer, shape, kwargs):
   np.testing.assert_allclose(mean, 0, atol=1e-9)
   np.testing.assert_allclose(std, 1, rtol=1e-8)
   # The paper's formulas, from t = v.x / ||v|| computed here with g = 1 and no bias.
-  kernel = variables["params"]["layer_instance"]["kernel"]
+  kernel = np.asarray(variables["params"]["layer_instance"]["kernel"], np.float64)
   t = make_layer().apply(
       {"params": {"kernel": kernel / np.linalg.norm(kernel.reshape(-1, kernel.shape[-1]), axis=0), "bias": np.zeros(kernel.shape[-1])}}, x
   )
@@ -372,7 +387,7 @@ def test_data_init_without_bias_sets_unit_variance():
 )
 def test_data_init_errors(kwargs, match):
   with pytest.raises(ValueError, match=match):
-    jnn.WeightNorm(nn.Dense(3), data_init=True, **kwargs).init(jax.random.key(0), jnp.ones((4, 3)))
+    jnn.WeightNorm(nn.Dense(3), data_init=True, **kwargs).init(jax.random.key(0), jnp.ones((4, 3), jnp.float32))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -388,7 +403,8 @@ def test_mean_only_batch_norm_training_running_mean_and_inference():
   assert jax.tree_util.tree_map(jnp.shape, variables) == {"batch_stats": {"mean": (3,)}, "params": {"bias": (3,)}}
   np.testing.assert_array_equal(variables["batch_stats"]["mean"], 0)  # init does not update statistics
   bias = r.normal(size=3).astype(np.float32)  # float32 parameters, so the float32 output below stays float32
-  variables = {**variables, "params": {"bias": bias}}
+  # A float64 running mean (init's is float32, and its dtype is kept), checked to float64 precision below.
+  variables = {"batch_stats": {"mean": np.zeros(3)}, "params": {"bias": bias}}
   y, updates = bn.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
   np.testing.assert_allclose(y, x - x.mean((0, 1)) + bias, rtol=1e-12, atol=1e-9)
   np.testing.assert_allclose(updates["batch_stats"]["mean"], 0.1 * x.mean((0, 1)), rtol=1e-12)
@@ -408,7 +424,7 @@ def test_mean_only_batch_norm_mask_and_gradient():
   mask[0] = True
   x_nan = np.where(mask, x, np.nan)
   bn = jnn.MeanOnlyBatchNorm(use_running_average=False, use_bias=False)
-  loss = lambda x: jnp.sum(bn.apply({"batch_stats": {"mean": jnp.zeros(3)}}, x, mask=mask, mutable=["batch_stats"])[0] * ct * mask)
+  loss = lambda x: jnp.sum(bn.apply({"batch_stats": {"mean": jnp.zeros(3)}}, x, mask=mask, mutable=["batch_stats"])[0] * (ct * mask))
   y, _ = bn.apply({"batch_stats": {"mean": jnp.zeros(3)}}, x_nan, mask=mask, mutable=["batch_stats"])
   masked_mean = np.ma.masked_array(x, ~mask).mean(0).data
   np.testing.assert_allclose(np.where(mask, y, 0), np.where(mask, x - masked_mean, 0), **F64)
@@ -423,6 +439,7 @@ def test_mean_only_batch_norm_axis_name_takes_the_global_mean():
   x = r.normal(size=(3, 4, 2)) + np.arange(3)[:, None, None]  # 3 "devices" with different means
   bn = jnn.MeanOnlyBatchNorm(use_running_average=False, axis_name="devices")
   variables = bn.init(jax.random.key(0), x[0])
+  variables = {**variables, "batch_stats": {"mean": np.zeros(2)}}  # float64, as the reference below
   y, updates = jax.vmap(lambda x: bn.apply(variables, x, mutable=["batch_stats"]), axis_name="devices")(x)
   np.testing.assert_allclose(y.reshape(12, 2), x.reshape(12, 2) - x.reshape(12, 2).mean(0), **F64)
   np.testing.assert_allclose(updates["batch_stats"]["mean"], np.broadcast_to(0.01 * x.reshape(12, 2).mean(0), (3, 2)), **F64)

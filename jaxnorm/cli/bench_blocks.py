@@ -54,7 +54,7 @@ import optax
 
 import jaxnorm
 from jaxnorm import linen as jnn
-from jaxnorm.cli import _timing, bench
+from jaxnorm.cli import _optimizer, _timing, bench
 
 SCHEMA = "jaxnorm-blocks/1"
 IMPLEMENTATIONS = ("jaxnorm", "flax")  # of the blocks; add_rms_norm compares "jaxnorm" with "one_vjp"
@@ -188,18 +188,6 @@ class Program:
   loss_and_grads: Callable[[Any], tuple[Any, Any]]  # the step's outputs -> (loss, gradients)
 
 
-def optimizer_step(tx: optax.GradientTransformation, grads: Any, opt_state: Any, params: Any) -> tuple[Any, Any]:
-  """`tx.update` then `optax.apply_updates`, under JAX's standard dtype promotion.
-
-  optax's Adam raises its float decay to the int32 step count implicitly (bias
-  correction), which ``jax_numpy_dtype_promotion="strict"`` refuses; only the
-  optimizer is exempt, the model's forward and backward keep the caller's settings.
-  """
-  with jax.numpy_dtype_promotion("standard"):
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
-
-
 def _perturbed(params: Any, key: jax.Array) -> Any:
   leaves, tree = jax.tree.flatten(params)
   keys = jax.random.split(key, len(leaves))
@@ -239,7 +227,7 @@ def programs(block: str, sizes: Sizes, seed: int = 0) -> dict[str, Program]:
 
     def step(params, opt_state, x, cond, target, loss=loss):
       value, grads = jax.value_and_grad(loss)(params, x, cond, target)
-      params, opt_state = optimizer_step(tx, grads, opt_state, params)
+      params, opt_state = _optimizer.optimizer_step(tx, grads, opt_state, params)
       return params, opt_state, value, grads
 
     out[impl] = Program(jax.jit(step), (params, tx.init(params), x, cond, target), lambda outputs: outputs[2:])

@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxnorm import linen as jnn
-from jaxnorm.cli import _timing, bench, bench_blocks
+from jaxnorm.cli import _optimizer, _timing, bench, bench_blocks
 
 SCHEMA = "jaxnorm-memory/1"
 IMPLEMENTATIONS = {"resnet": ("input", "output", "activated", "flax"), "transformer": ("input", "output", "flax")}
@@ -167,7 +167,7 @@ def step_and_args(model: str, impl: str, sizes: Sizes, batch: int, remat: bool) 
 
   def step(params, stats, opt_state, x, y):
     (value, stats), grads = jax.value_and_grad(loss, has_aux=True)(params, stats, x, y)
-    params, opt_state = bench_blocks.optimizer_step(tx, grads, opt_state, params)
+    params, opt_state = _optimizer.optimizer_step(tx, grads, opt_state, params)
     return params, stats, opt_state, value, grads
 
   return step, (params, stats, tx.init(params), x, y)

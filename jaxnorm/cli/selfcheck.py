@@ -106,6 +106,11 @@ class Report:
 # float64 textbook references (plain jax.numpy, differentiated by autodiff)
 
 
+def _lead(a, ndim):
+  """`a` with leading size-1 axes up to rank `ndim`: the broadcast written out, as rank promotion "raise" asks."""
+  return jnp.reshape(a, (1,) * (ndim - jnp.ndim(a)) + jnp.shape(a))
+
+
 def _ref_moments(x, axes):
   mean = jnp.mean(x, axes, keepdims=True)
   var = jnp.mean((x - mean) ** 2, axes, keepdims=True)
@@ -113,6 +118,7 @@ def _ref_moments(x, axes):
 
 
 def _ref_normalize(x, mean, var, scale, bias, epsilon):
+  mean, var, scale, bias = (_lead(a, x.ndim) for a in (mean, var, scale, bias))
   return (x - mean) / jnp.sqrt(var + epsilon) * scale + bias
 
 
@@ -126,11 +132,11 @@ def _ref_layer_norm(x, scale, bias, axes=(-1,), epsilon=1e-6):
   axes = tuple(a % x.ndim for a in axes)
   mean, var = _ref_moments(x, axes)
   mean, var = jnp.expand_dims(mean, axes), jnp.expand_dims(var, axes)
-  return (x - mean) / jnp.sqrt(var + epsilon) * scale + bias
+  return (x - mean) / jnp.sqrt(var + epsilon) * _lead(scale, x.ndim) + _lead(bias, x.ndim)
 
 
 def _ref_rms_norm(x, scale, epsilon=1e-6):
-  return x / jnp.sqrt(jnp.mean(x**2, -1, keepdims=True) + epsilon) * scale
+  return x / jnp.sqrt(jnp.mean(x**2, -1, keepdims=True) + epsilon) * _lead(scale, x.ndim)
 
 
 # ----------------------------------------------------------------------------

@@ -66,6 +66,7 @@ import numpy as np
 import optax
 
 from jaxnorm import linen as jnn
+from jaxnorm.cli import _optimizer
 
 NORMS = ("none", "batch norm", "batch renorm", "group norm", "layer norm", "weight norm")
 
@@ -235,8 +236,8 @@ def train_one(
   @jax.jit
   def step(params, batch_stats, opt_state, idx, shift):
     (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch_stats, idx, shift)
-    updates, opt_state = opt.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), batch_stats, opt_state, loss
+    params, opt_state = _optimizer.optimizer_step(opt, grads, opt_state, params)
+    return params, batch_stats, opt_state, loss
 
   @jax.jit
   def accuracy(params, batch_stats):

@@ -82,7 +82,7 @@ def ema_update(variable: nnx.Variable, batch_value: jax.Array, momentum: float, 
   dtype = _validation.promoted_dtype(old, batch_value)
   new = momentum * old.astype(dtype) + (1 - momentum) * batch_value.astype(dtype)
   if seen is not None:
-    new = jnp.where(seen.reshape(old.shape), new, old)
+    new = jnp.where(seen.reshape(old.shape), new, old.astype(dtype))
   variable[...] = lax.stop_gradient(new).astype(old.dtype)
 
 
