@@ -65,14 +65,16 @@ def np_renorm(x, scale, bias, rm, rv, r_max, d_max, where=None, eps=EPS):
 def jnp_renorm(x, scale, bias, rm, rv, r_max, d_max, where=None, eps=EPS, stop=True):
   """The same formula in jax.numpy for plain autodiff; `stop=False` differentiates through r and d too."""
   axes = tuple(range(x.ndim - 1))
+  per_feature = lambda a: jnp.reshape(a, (1,) * len(axes) + (-1,))  # (C,) -> (1, ..., 1, C), to broadcast against x
   mean = jnp.mean(x, axes, where=where)
-  var = jnp.mean(jnp.square(x - mean), axes, where=where)
+  var = jnp.mean(jnp.square(x - per_feature(mean)), axes, where=where)
   sigma_b, sigma = jnp.sqrt(var + eps), jnp.sqrt(rv + eps)
   r = jnp.clip(sigma_b / sigma, 1 / r_max, r_max)
   d = jnp.clip((mean - rm) / sigma, -d_max, d_max)
   if stop:
     r, d = lax.stop_gradient(r), lax.stop_gradient(d)
-  return scale * ((x - mean) / sigma_b * r + d) + bias, mean, var
+  y = (x - per_feature(mean)) / per_feature(sigma_b) * per_feature(r) + per_feature(d)
+  return per_feature(scale) * y + per_feature(bias), mean, var
 
 
 def _loss(f, ct, cm, cv):
@@ -80,7 +82,8 @@ def _loss(f, ct, cm, cv):
 
   def loss(*args):
     y, mean, var = f(*args)
-    return jnp.sum(y * ct) + jnp.sum(mean * cm) + jnp.sum(var * cv)
+    # y may be bfloat16; the statistics are float32 or float64
+    return jnp.sum(y * ct).astype(mean.dtype) + jnp.sum(mean * cm) + jnp.sum(var * cv)
 
   return loss
 
@@ -148,7 +151,7 @@ def test_plain_bounds_equal_batch_norm(dtype, affine, masked):
   rm, rv = jnp.asarray(r.normal(size=4) * 5, jnp.float32), jnp.asarray(r.random(4) * 9 + 0.1, jnp.float32)
   where = r.random((6, 4)) < 0.7 if masked else None
   ct = jnp.asarray(r.normal(size=(6, 4)), dtype)
-  cm, cv = r.normal(size=4), r.normal(size=4)
+  cm, cv = jnp.asarray(r.normal(size=4), jnp.float32), jnp.asarray(r.normal(size=4), jnp.float32)
 
   def renorm(x, s, b):
     return jaxnorm.batch_renorm(x, s, b, rm, rv, r_max=1.0, d_max=0.0, where=where)
@@ -440,7 +443,7 @@ def test_module_with_plain_bounds_matches_flax_batch_norm():
   xs = _batches(3)
   theirs = nn.BatchNorm(momentum=0.8, use_fast_variance=False)
   variables = theirs.init(jax.random.key(0), xs[0], use_running_average=False)
-  variables = {**variables, "params": {"scale": jnp.array([0.5, 2.0, -1.0]), "bias": jnp.array([0.1, 0.2, 0.3])}}
+  variables = {**variables, "params": {"scale": jnp.array([0.5, 2.0, -1.0], jnp.float32), "bias": jnp.array([0.1, 0.2, 0.3], jnp.float32)}}
   plain = jnn.BatchRenorm(momentum=0.8, r_max=1.0, d_max=0.0)
   warming = jnn.BatchRenorm(momentum=0.8, warmup_steps=10)
   # same variable tree (no step counter with fixed bounds): the flax checkpoint is used as is
@@ -526,8 +529,9 @@ def test_module_inference_uses_running_statistics_and_updates_nothing():
   stats = {"mean": f32([1.0, -2.0, 0.5]), "var": f32([4.0, 0.25, 1.0]), "steps": jnp.int32(7)}
   params = {"scale": f32([0.5, 2.0, -1.0]), "bias": f32([0.1, 0.2, 0.3])}
   variables = {"params": params, "batch_stats": stats}
-  expected = (np.asarray(x, np.float64) - stats["mean"]) / np.sqrt(np.asarray(stats["var"]) + EPS)
-  expected = expected * params["scale"] + params["bias"]
+  f64 = lambda a: np.asarray(a, np.float64)
+  expected = (f64(x) - f64(stats["mean"])) / np.sqrt(f64(stats["var"]) + EPS)
+  expected = expected * f64(params["scale"]) + f64(params["bias"])
   y, updates = module.apply(variables, x, use_running_average=True, mutable=["batch_stats"])
   y_attr = jnn.BatchRenorm(use_running_average=True).apply(variables, x)
   assert y.dtype == y_attr.dtype == jnp.float32

@@ -98,10 +98,10 @@ def test_the_counter_sees_a_materialized_intermediate():
   # The checks above can fail: the textbook formula under autodiff keeps x - mean and x-hat.
   def textbook(x, s, b):
     d = x - jnp.mean(x, -1, keepdims=True)
-    return d * jax.lax.rsqrt(jnp.mean(d * d, -1, keepdims=True) + 1e-6) * s + b
+    return d * jax.lax.rsqrt(jnp.mean(d * d, -1, keepdims=True) + 1e-6) * s[None, :] + b[None, :]
 
   x = jnp.zeros(ROWS, jnp.float32)
-  compiled = _timing.loss_grad(textbook, 2).lower(x, jnp.ones(ROWS[-1]), jnp.ones(ROWS[-1]), x).compile()
+  compiled = _timing.loss_grad(textbook, 2).lower(x, jnp.ones(ROWS[-1], jnp.float32), jnp.ones(ROWS[-1], jnp.float32), x).compile()
   assert len(_full_size_values(compiled, ROWS)) > 1
   assert bench.temp_bytes(compiled) >= x.nbytes
   assert np.isfinite(bench.cost_bytes_accessed(compiled))

@@ -19,6 +19,7 @@ import pytest
 from flax import nnx
 
 import jaxnorm
+from _flax_reference import flax_promotion
 from jaxnorm import linen as jnn
 from jaxnorm import nnx as jnnx
 
@@ -88,7 +89,7 @@ def _random_params(variables):
 
 
 def modulate(y, s, t):
-  return y * (1 + s) + t
+  return y * jnp.broadcast_to(1 + s, y.shape) + jnp.broadcast_to(t, y.shape)
 
 
 # name -> (jaxnorm linen module, flax linen module, x, scale, shift, extra apply kwargs)
@@ -112,7 +113,9 @@ LINEN = {
 @pytest.mark.parametrize("name", sorted(LINEN))
 def test_linen_modulation_matches_flax_composition(name):
   ours, theirs, x, s, t, kwargs = LINEN[name]
-  variables = _random_params(theirs.init(jax.random.key(0), x))
+  with flax_promotion():
+    variables = theirs.init(jax.random.key(0), x)
+  variables = _random_params(variables)
   ct = R.normal(size=x.shape)
 
   def loss(module, variables, x, s, t, call):
@@ -124,7 +127,8 @@ def test_linen_modulation_matches_flax_composition(name):
     return m.apply(v, x, scale=s, shift=t, **kwargs)
 
   def theirs_call(m, v, x, s, t):
-    out = m.apply(v, x, **kwargs)
+    with flax_promotion():
+      out = m.apply(v, x, **kwargs)
     y = out[0] if kwargs else out
     return modulate(y, 0.0 if s is None else s, 0.0 if t is None else t)
 
@@ -137,7 +141,8 @@ def test_linen_modulation_matches_flax_composition(name):
     np.testing.assert_allclose(a, b, atol=1e-9, rtol=1e-9)
   if kwargs:  # training: the same running statistics as flax's
     _, ours_stats = ours.apply(variables, x, scale=s, shift=t, **kwargs)
-    _, their_stats = theirs.apply(variables, x, **kwargs)
+    with flax_promotion():
+      _, their_stats = theirs.apply(variables, x, **kwargs)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **TOL), ours_stats, their_stats)
 
 
@@ -167,7 +172,8 @@ def test_nnx_modulation_matches_flax_composition(name):
     return nnx.value_and_grad(loss, argnums=(0, 1, 2, 3))(model, x, s, t)
 
   (lo, go) = grads(ours, lambda m, x, s, t: m(x, scale=s, shift=t))
-  (lt, gt) = grads(theirs, lambda m, x, s, t: modulate(m(x), s, t))
+  with flax_promotion():
+    (lt, gt) = grads(theirs, lambda m, x, s, t: modulate(m(x), s, t))
   np.testing.assert_allclose(lo, lt, **TOL)
   for a, b in zip(jax.tree.leaves(go), jax.tree.leaves(gt)):
     np.testing.assert_allclose(a, b, atol=1e-9, rtol=1e-9)
@@ -175,12 +181,14 @@ def test_nnx_modulation_matches_flax_composition(name):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **TOL),
                  nnx.state(ours, nnx.BatchStat), nnx.state(theirs, nnx.BatchStat))
     ours.eval(), theirs.eval()
-    np.testing.assert_allclose(ours(x, scale=s, shift=t), modulate(theirs(x), s, t), **TOL)
+    with flax_promotion():
+      y_theirs = theirs(x)
+    np.testing.assert_allclose(ours(x, scale=s, shift=t), modulate(y_theirs, s, t), **TOL)
 
 
 def dit_reference(x, c, kernel, bias, eps=1e-6):
   """DiT's adaLN: c -> SiLU -> Linear -> (shift, scale, gate); modulate(LN(x), shift, scale), in jax.numpy."""
-  m = jax.nn.silu(c) @ kernel + bias
+  m = jax.nn.silu(c) @ kernel + bias[None, :]
   shift, scale, gate = jnp.split(m, 3, axis=-1)
   mean = x.mean(-1, keepdims=True)
   ln = (x - mean) / jnp.sqrt(jnp.square(x - mean).mean(-1, keepdims=True) + eps)
@@ -234,7 +242,7 @@ def test_modulation_errors_name_the_call_argument():
   with pytest.raises(TypeError, match="`scale`"):
     layer.apply(variables, X3, scale=np.ones((3, 1, 8), np.int32))
   with pytest.raises(ValueError, match="`c` must have the leading axes of x"):
-    jnnx.AdaLNZero(8, 6, rngs=nnx.Rngs(0))(X3, np.ones((2, 6)))
+    jnnx.AdaLNZero(8, 6, param_dtype=jnp.float64, rngs=nnx.Rngs(0))(X3, np.ones((2, 6)))
   with pytest.raises(ValueError, match="`scale_offset`=1.0 is added to `scale`, but `scale` is None"):
     jnn.RMSNorm(use_scale=False, scale_offset=1.0).init(jax.random.key(0), X3)
 

@@ -37,8 +37,8 @@ def reference(x, s, b, axes, centered, offset, eps, groups=None):
   else:
     m = x.mean(axes, keepdims=True) if centered else jnp.zeros((), x.dtype)
     xh = (x - m) / jnp.sqrt(jnp.square(x - m).mean(axes, keepdims=True) + eps)
-  y = xh if s is None else xh * (offset + s)
-  return y if b is None else y + b
+  y = xh if s is None else xh * jnp.broadcast_to(offset + s, x.shape)
+  return y if b is None else y + jnp.broadcast_to(b, x.shape)
 
 
 CASES = {

@@ -181,14 +181,15 @@ def select(all_cases: Sequence[Case], patterns: str | None) -> list[Case]:
 
 def _plain(x, scale, bias, axes, centered, epsilon):
   """The textbook formula: float32 statistics, two passes, plain autodiff."""
-  x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  acc = _validation.accumulation_dtype(x.dtype)
+  x32 = x.astype(acc)
   if centered:
     d = x32 - jnp.mean(x32, axes, keepdims=True)
   else:
     d = x32
-  y = d * jax.lax.rsqrt(jnp.mean(d * d, axes, keepdims=True) + epsilon) * _validation.to_rank(scale, x.ndim)
+  y = d * jax.lax.rsqrt(jnp.mean(d * d, axes, keepdims=True) + epsilon) * _validation.to_rank(scale, x.ndim).astype(acc)
   if bias is not None:
-    y = y + _validation.to_rank(bias, x.ndim)
+    y = y + _validation.to_rank(bias, x.ndim).astype(acc)
   return y.astype(x.dtype)
 
 
