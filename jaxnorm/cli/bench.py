@@ -198,9 +198,11 @@ def _plain_group(x, scale, bias, epsilon):
   c = x.shape[-1]
   g = x.reshape(*x.shape[:-1], NUM_GROUPS, c // NUM_GROUPS)
   axes = tuple(range(1, g.ndim - 2)) + (g.ndim - 1,)
-  d = g.astype(jnp.promote_types(x.dtype, jnp.float32))
+  acc = _validation.accumulation_dtype(x.dtype)
+  d = g.astype(acc)
   d = d - jnp.mean(d, axes, keepdims=True)
   y = d * jax.lax.rsqrt(jnp.mean(d * d, axes, keepdims=True) + epsilon)
+  scale, bias = (_validation.to_rank(p, x.ndim).astype(acc) for p in (scale, bias))
   return (y.reshape(x.shape) * scale + bias).astype(x.dtype)
 
 

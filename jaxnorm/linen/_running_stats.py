@@ -330,7 +330,7 @@ class RunningStatistics:
     def broadcast(a):
       return a if a is None or a.ndim == x.ndim else a.reshape(shape)
 
-    compute = jnp.promote_types(x.dtype, dtype)
+    compute = _validation.promoted_dtype(x.dtype, dtype)
     y = jaxnorm.normalize(
         x.astype(compute),
         broadcast(self.mean.value),

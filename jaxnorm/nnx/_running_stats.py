@@ -109,7 +109,7 @@ def normalize_with(
   def broadcast(a):  # a call-time (modulated) parameter already has the rank of x
     return a if a is None or a.ndim == x.ndim else a.reshape(shape)
 
-  compute = jnp.promote_types(x.dtype, dtype)
+  compute = _validation.promoted_dtype(x.dtype, dtype)
   y = jaxnorm.normalize(
       x.astype(compute), broadcast(mean), broadcast(var), broadcast(scale), broadcast(bias), epsilon=epsilon
   )
