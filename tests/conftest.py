@@ -1,20 +1,23 @@
-"""Shared pytest configuration: float64 references, and JAX's strict settings on demand.
+"""Shared pytest configuration: float64 references, and the settings users turn on.
 
 float64 is enabled at import, before any test module creates an array, so
 that tests can compare against float64 references. Tests that need float32
 ask for it explicitly (`dtype=jnp.float32`).
 
-``pytest --jax-strict`` (or ``JAXNORM_STRICT=1``) runs the session under the
-settings users turn on: `jax_numpy_rank_promotion="raise"` (no implicit
-broadcasting of arrays of different ranks; flax's CI runs with it),
-`jax_numpy_dtype_promotion="strict"` (no implicit promotion between
-dtypes), and `jax_debug_nans` with `jax_debug_infs` (every operation's
-output checked for NaN and inf). A test that produces NaN or inf on purpose
-says so with ``@pytest.mark.nonfinite("why")``, which turns the two NaN/inf
-checks off for it alone. `tests/test_strict_modes.py` runs every public op
-and module under all four in the default run; the rest of the suite does
-not pass under them yet (the references mix float32 with float64 and
-broadcast across ranks; see the open issue).
+Every test runs under the four settings careful users turn on:
+`jax_numpy_rank_promotion="raise"` (no implicit broadcasting of arrays of
+different ranks; flax's CI runs with it), `jax_numpy_dtype_promotion="strict"`
+(no implicit promotion between dtypes), and `jax_debug_nans` with
+`jax_debug_infs` (every operation's output checked for NaN and inf). So the
+tests' own references are written for them too: float64 references are
+computed on float64 copies, broadcasts are written out.
+
+Two exceptions, each visible where it is made:
+- a test that produces NaN or inf on purpose says so with
+  ``@pytest.mark.nonfinite("why")``, which turns the two NaN/inf checks off
+  for it alone;
+- flax's own modules promote dtypes implicitly; the drop-in comparisons run
+  flax's side under `_flax_reference.flax_promotion()` (see there).
 """
 
 import os
@@ -25,31 +28,30 @@ import os
 # subprocesses they start.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+STRICT = {
+    "jax_numpy_rank_promotion": "raise",
+    "jax_numpy_dtype_promotion": "strict",
+    "jax_debug_nans": True,
+    "jax_debug_infs": True,
+}
+# Also in the environment, where JAX reads them at import: the Python
+# subprocesses tests start (several host devices, the CLI, the docstring
+# examples, notebook kernels) run under the same settings.
+os.environ.update({name.upper(): str(value) for name, value in STRICT.items()})
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 
 
-def pytest_addoption(parser):
-  parser.addoption(
-      "--jax-strict",
-      action="store_true",
-      default=os.environ.get("JAXNORM_STRICT", "") not in ("", "0"),
-      help="run under jax_debug_nans, jax_debug_infs, jax_numpy_dtype_promotion='strict' and "
-      "jax_numpy_rank_promotion='raise' (also JAXNORM_STRICT=1)",
-  )
-
-
 def pytest_configure(config):
   config.addinivalue_line(
       "markers", "nonfinite(reason): the test makes NaN or inf on purpose; jax_debug_nans/infs are off for it"
   )
-  if config.getoption("--jax-strict"):
-    jax.config.update("jax_debug_nans", True)
-    jax.config.update("jax_debug_infs", True)
-    jax.config.update("jax_numpy_dtype_promotion", "strict")
-    jax.config.update("jax_numpy_rank_promotion", "raise")
+  # Here too: a plugin may have imported JAX before this file set the environment.
+  for name, value in STRICT.items():
+    jax.config.update(name, value)
 
 
 @pytest.fixture(autouse=True)

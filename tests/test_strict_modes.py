@@ -10,13 +10,15 @@ and inf in masked-out positions, bfloat16/float16 inputs with parameters of
 the same dtype, per-channel statistics on NHWC input. A false alarm raises
 `FloatingPointError`, an implicit promotion `TypeError` or `ValueError`.
 
-The rest of the suite can run under the same four settings with
-``pytest --jax-strict`` (or ``JAXNORM_STRICT=1``), see `conftest.py`.
+The whole suite runs under the same four settings (`conftest.py`); this
+file sets them again around each case so that it checks them on its own too,
+and holds the control: an op with a rank-promoting broadcast fails here.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 
 import jax
 import jax.numpy as jnp
@@ -188,3 +190,49 @@ def test_linen_modules_with_16_bit_params(dtype):
     with strict():
       loss = lambda p, x: jnp.sum(module.apply({**variables, "params": p}, x, mutable=["batch_stats"])[0])
       jax.block_until_ready(jax.grad(loss, argnums=(0, 1))(variables["params"], x))
+
+
+def test_the_suite_runs_under_the_four_settings():
+  """Set by conftest.py for this process, and in the environment for the Python subprocesses tests start."""
+  assert jax.config.jax_numpy_rank_promotion == "raise"
+  assert jax.config.jax_numpy_dtype_promotion == "strict"
+  assert jax.config.jax_debug_nans and jax.config.jax_debug_infs
+  assert os.environ["JAX_NUMPY_RANK_PROMOTION"] == "raise"
+  assert os.environ["JAX_NUMPY_DTYPE_PROMOTION"] == "strict"
+  assert os.environ["JAX_DEBUG_NANS"] == os.environ["JAX_DEBUG_INFS"] == "True"
+
+
+def test_control_an_op_with_a_rank_promoting_broadcast_fails(monkeypatch):
+  """`normalize` with its explicit broadcast removed is still right under NumPy's rules, and refused here.
+
+  `_validation.to_rank` gives per-channel statistics of shape (C,) the rank
+  of an NHWC input; without it `x - mean` broadcasts implicitly, which users
+  running with rank promotion "raise" (as flax's CI does) cannot call.
+  """
+  x = np.random.default_rng(0).normal(size=IMG)
+  mean, var = np.linspace(-1.0, 1.0, C), np.linspace(0.5, 2.0, C)
+  want = (x - mean) / np.sqrt(var + 1e-5)
+  monkeypatch.setattr(jaxnorm._validation, "to_rank", lambda a, ndim: a)
+  with pytest.raises(ValueError, match="jax_numpy_rank_promotion='raise'"):
+    jaxnorm.normalize(jnp.asarray(x), jnp.asarray(mean), jnp.asarray(var))
+  with jax.numpy_rank_promotion("allow"):
+    got = jaxnorm.normalize(jnp.asarray(x), jnp.asarray(mean), jnp.asarray(var))
+  np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+@pytest.mark.parametrize("api", ["linen", "nnx"])
+def test_batch_norm_inference_of_a_16_bit_input_in_float32(api):
+  """Running statistics, a bfloat16 input and ``dtype=float32``: computed and returned in float32, as flax promotes."""
+  x = jnp.asarray(np.random.default_rng(0).normal(size=X), jnp.bfloat16)
+  if api == "linen":
+    module = jnn.BatchNorm(use_running_average=True, dtype=jnp.float32)
+    variables = module.init(jax.random.key(0), x)
+    with strict():
+      y = module.apply(variables, x)
+  else:
+    module = jnnx.BatchNorm(X[-1], use_running_average=True, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    with strict():
+      y = module(x)
+  assert y.dtype == jnp.float32
+  # Initial running statistics: mean 0, variance 1.
+  np.testing.assert_allclose(y, np.asarray(x, np.float64) / np.sqrt(1 + 1e-5), rtol=1e-6)

@@ -27,8 +27,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxnorm import _validation
-
 
 def batch_norm_effective_weights(
     kernel: Any,
@@ -79,8 +77,11 @@ def batch_norm_effective_weights(
   if not epsilon >= 0:
     raise ValueError(f"`epsilon` must be >= 0, got {epsilon!r}.")
   units = kernel.shape[1]
-  dtype = _validation.promoted_dtype(kernel, x)
-  acc = _validation.accumulation_dtype(dtype)
+  # Decided under standard promotion also where the caller runs strict: the
+  # arrays are then cast explicitly, and the sums run in at least float32.
+  with jax.numpy_dtype_promotion("standard"):
+    dtype = jnp.result_type(kernel, x)
+    acc = jnp.promote_types(dtype, jnp.float32)
   kernel, x = kernel.astype(acc), x.astype(acc)
 
   def vector(v, name, default):
