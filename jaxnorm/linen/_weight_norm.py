@@ -290,7 +290,7 @@ class MeanOnlyBatchNorm(nn.Module):
     if not use_running_average and not self.is_initializing():
       # The stored dtype is kept (float32 by default, as at init): a float64 batch mean is cast explicitly.
       old = ra_mean.value
-      ra_mean.value = (momentum * old + (1 - momentum) * mean.astype(old.dtype)).astype(old.dtype)
+      ra_mean.value = momentum * old + (1 - momentum) * mean.astype(old.dtype)
     return y
 
 
