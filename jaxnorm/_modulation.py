@@ -17,6 +17,7 @@ full-size but `x`; autodiff carries their gradients back to
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -95,17 +96,21 @@ def arrays(scale: Any, shift: Any) -> tuple[jax.Array | None, jax.Array | None]:
   )
 
 
-def adaln_chunks(m: jax.Array, x: jax.Array, c: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """DiT's ``(shift, scale, gate)`` from the modulation `m` ``(..., 3 C)`` of the conditioning `c`, laid out for `x`.
+def adaln_chunks(
+    dense: Callable[[jax.Array], jax.Array], x: jax.Array, c: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """DiT's ``(shift, scale, gate)``: ``dense(silu(c))`` ``(..., 3 C)`` split in three and laid out for `x`.
 
   `c` has `x`'s leading (batch) axes and one feature axis last; the axes
   `x` has beyond them (sequence, height, width) get size 1 in each chunk.
+  `c`'s shape is checked before `dense` sees it, so a misshapen `c` is
+  named as such rather than failing inside the layer.
 
   Example:
     >>> import jax.numpy as jnp
     >>> from jaxnorm._modulation import adaln_chunks
     >>> x, c = jnp.zeros((2, 5, 4)), jnp.zeros((2, 7))
-    >>> [a.shape for a in adaln_chunks(jnp.zeros((2, 12)), x, c)]
+    >>> [a.shape for a in adaln_chunks(lambda h: jnp.zeros((2, 12)), x, c)]
     [(2, 1, 4), (2, 1, 4), (2, 1, 4)]
   """
   lead = c.shape[:-1]
@@ -114,6 +119,7 @@ def adaln_chunks(m: jax.Array, x: jax.Array, c: jax.Array) -> tuple[jax.Array, j
         f"`c` must have the leading axes of x and its own feature axis last, e.g. (batch, cond_features) "
         f"for x of shape {tuple(x.shape)}; got shape {tuple(c.shape)}."
     )
+  m = dense(jax.nn.silu(c))
   m = m.reshape(lead + (1,) * (x.ndim - c.ndim) + m.shape[-1:])
   shift, scale, gate = jnp.split(m, 3, axis=-1)
   return shift, scale, gate

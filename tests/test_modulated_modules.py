@@ -241,8 +241,12 @@ def test_modulation_errors_name_the_call_argument():
     layer.apply(variables, X3, shift=np.ones((2, 1, 8)))
   with pytest.raises(TypeError, match="`scale`"):
     layer.apply(variables, X3, scale=np.ones((3, 1, 8), np.int32))
+  # `c`'s shape is checked before the modulation layer sees it: a float64 `c` beside float32
+  # parameters (which strict promotion refuses inside flax's Dense) still gets this error.
   with pytest.raises(ValueError, match="`c` must have the leading axes of x"):
-    jnnx.AdaLNZero(8, 6, param_dtype=jnp.float64, rngs=nnx.Rngs(0))(X3, np.ones((2, 6)))
+    jnnx.AdaLNZero(8, 6, rngs=nnx.Rngs(0))(X3, np.ones((2, 6)))
+  with pytest.raises(ValueError, match="`c` must have the leading axes of x"):
+    jnn.AdaLNZero().init(jax.random.key(0), X3, np.ones((2, 6)))
   with pytest.raises(ValueError, match="`scale_offset`=1.0 is added to `scale`, but `scale` is None"):
     jnn.RMSNorm(use_scale=False, scale_offset=1.0).init(jax.random.key(0), X3)
 

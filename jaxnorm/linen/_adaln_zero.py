@@ -68,7 +68,7 @@ class AdaLNZero(nn.Module):
         param_dtype=self.param_dtype,
         name="modulation",
     )
-    shift, scale, gate = _modulation.adaln_chunks(dense(nn.silu(c)), x, c)
+    shift, scale, gate = _modulation.adaln_chunks(dense, x, c)
     dtype = _validation.promoted_dtype(x, shift, dtype=self.dtype)
     y = jaxnorm.layer_norm(x, scale, shift, epsilon=self.epsilon, scale_offset=1.0, dtype=dtype, saved=self.saved)
     return y, gate

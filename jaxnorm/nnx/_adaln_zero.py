@@ -72,7 +72,7 @@ class AdaLNZero(nnx.Module):
       raise ValueError(
           f"AdaLNZero expects x of shape (..., num_features={self.num_features}), got shape {tuple(x.shape)}."
       )
-    shift, scale, gate = _modulation.adaln_chunks(self.modulation(nnx.silu(c)), x, c)
+    shift, scale, gate = _modulation.adaln_chunks(self.modulation, x, c)
     dtype = _validation.promoted_dtype(x, shift, dtype=self.dtype)
     y = jaxnorm.layer_norm(x, scale, shift, epsilon=self.epsilon, scale_offset=1.0, dtype=dtype, saved=self.saved)
     return y, gate
